@@ -1,0 +1,116 @@
+"""The ``fedtune`` command: Hydra CLI around :func:`fedtune.run.run`.
+
+Before Hydra runs anything, every job of the command line (each combination of a ``-m`` sweep) is
+composed and validated, so a bad override stops the whole command with one line and exit code 2,
+before any run folder is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fedtune.config import CONF_DIR
+from fedtune.errors import ConfigError
+
+log = logging.getLogger("fedtune")
+
+# Hydra flags that take a value, and flags after which there is nothing to validate.
+_VALUE_FLAGS = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "-p", "--package",
+                "--experimental-rerun", "-c", "--cfg", "--info"}
+_NO_RUN_FLAGS = {"-h", "--help", "--hydra-help", "--version", "--shell-completion", "-sc", "--info", "-c", "--cfg",
+                 "--resolve"}
+
+
+def _overrides(argv: list[str]) -> list[str] | None:
+    """The override arguments of ``argv``, or None when the command runs no experiment."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=")[0] in _NO_RUN_FLAGS:
+            return None
+        elif arg in _VALUE_FLAGS:
+            skip = True
+        elif not arg.startswith("-"):
+            out.append(arg)
+    return out
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's multi-line composition errors, as one actionable line."""
+    text = str(err)
+    if m := re.search(r"Could not override '([^']+)'", text):
+        key = m.group(1)
+        return f"{key}: unknown config key (check the spelling; `fedtune --cfg job` lists every key; +{key}=... adds a new one)"
+    if m := re.search(r"Could not find '([^']+)/([^']+)'", text):
+        group, name = m.group(1), m.group(2)
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        return f"{group}={name}: no such config; available {group} options: {', '.join(options) or '(none)'}"
+    if m := re.search(r"Could not load '([^']+)/([^']+)'", text):
+        return f"{m.group(1)}={m.group(2)}: no such config (see conf/{m.group(1)}/)"
+    return " ".join(text.split())
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose and validate every job the command line would run; raise ConfigError on the first bad one."""
+    overrides = _overrides(argv)
+    if overrides is None:
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fedtune.config import validate
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = [combo for batch in BasicSweeper.split_arguments(parsed, None) for combo in batch]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            for combo in jobs:
+                validate(compose(config_name="config", overrides=list(combo), return_hydra_config=True))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _task(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from fedtune.run import run
+
+    hc = HydraConfig.get()
+    multirun = hc.mode.name == "MULTIRUN"
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(hc.runtime.output_dir)
+    try:
+        run(
+            cfg,
+            out_dir=out_dir,
+            choices={k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")},
+            group=Path(hc.sweep.dir).name if multirun else None,
+            job_name=(hc.job.override_dirname or None) if multirun else None,
+        )
+    except ConfigError as err:
+        sys.stderr.write(f"fedtune: error: {err}\n")
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        precheck(sys.argv[1:])
+    except ConfigError as err:
+        sys.stderr.write(f"fedtune: error: {err}\n")
+        sys.exit(2)
+    import hydra
+
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)()
+
+
+if __name__ == "__main__":
+    main()

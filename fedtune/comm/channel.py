@@ -1,0 +1,100 @@
+"""The channel: the ONLY place bytes are counted.
+
+Every message that would cross a network goes through :meth:`Channel.send`: its tensors are
+encoded by the direction's codec and serialized with safetensors (its small ``meta`` travels in the
+safetensors header), ``len(payload)`` is recorded for (round, client, direction, kind), and the
+receiver gets a message decoded from those bytes: fresh tensors, never an alias of the sender's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedtune.comm.codec import Codec, Identity
+
+DIRECTIONS = ("up", "down")
+
+
+@dataclass
+class Message:
+    """What one side sends the other.
+
+    Attributes:
+        tensors: named tensors (adapters, deltas, logits, activations ...).
+        meta: small JSON-able values that travel with them (e.g. ``num_examples``); counted too.
+        pool: simulation routing only, never serialized: when non-empty the receiving client trains
+            on the union of these clients' shards (the centralized baseline).
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    pool: tuple[int, ...] = ()
+
+    def is_empty(self) -> bool:
+        return not self.tensors and not self.meta
+
+
+@dataclass(frozen=True)
+class Transfer:
+    round_idx: int
+    client_id: int
+    direction: str
+    kind: str
+    num_bytes: int
+
+
+def serialize(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> bytes:
+    """safetensors bytes of CPU, contiguous tensors plus a string header."""
+    cpu = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    return st_save(cpu, metadata=header)
+
+
+def deserialize(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Inverse of :func:`serialize` (fresh tensors)."""
+    header_len = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + header_len]).get("__metadata__", {})
+    return st_load(payload), header
+
+
+class Channel:
+    """Serializes, counts and delivers messages; one codec per direction."""
+
+    def __init__(self, *, up: Codec | None = None, down: Codec | None = None) -> None:
+        self.codecs = {"up": up or Identity(), "down": down or Identity()}
+        self.transfers: list[Transfer] = []
+
+    def send(self, message: Message, *, round_idx: int, client_id: int, direction: str, kind: str = "model") -> Message:
+        """Encode, serialize, count and decode ``message``; returns the receiver's copy."""
+        assert direction in DIRECTIONS, direction
+        if message.is_empty():  # nothing crosses the network
+            return Message(pool=message.pool)
+        codec = self.codecs[direction]
+        encoded, codec_meta = codec.encode(message.tensors)
+        header = {"meta": json.dumps(message.meta, sort_keys=True), "codec": json.dumps(codec_meta, sort_keys=True)}
+        payload = serialize(encoded, header)
+        self.transfers.append(Transfer(round_idx, client_id, direction, kind, len(payload)))
+        tensors, got = deserialize(payload)
+        return Message(
+            tensors=codec.decode(tensors, json.loads(got["codec"])), meta=json.loads(got["meta"]), pool=message.pool
+        )
+
+    def bytes_by(self, round_idx: int) -> dict[str, int]:
+        """This round's bytes: ``up``, ``down`` and per kind (``up/<kind>``, ``down/<kind>``)."""
+        out: dict[str, int] = defaultdict(int)
+        for t in self.transfers:
+            if t.round_idx == round_idx:
+                out[t.direction] += t.num_bytes
+                out[f"{t.direction}/{t.kind}"] += t.num_bytes
+        out.setdefault("up", 0)
+        out.setdefault("down", 0)
+        return dict(out)
+
+    def total_bytes(self) -> int:
+        return sum(t.num_bytes for t in self.transfers)

@@ -1,0 +1,67 @@
+"""Config composition helpers and validation of values a schema cannot express."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedtune.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(cfg: DictConfig, key: str, *, allow_none: bool = False, strict: bool = True) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and (value > 0 if strict else value >= 0)
+    _require(ok, f"{key}={value}: must be a number {'>' if strict else '>='} 0")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` (one line: the key and the fix) for impossible values."""
+    _require(isinstance(cfg.num_clients, int) and cfg.num_clients >= 1,
+             f"num_clients={cfg.num_clients}: must be an integer >= 1")
+    cpr = cfg.clients_per_round
+    _require(cpr is None or (isinstance(cpr, int) and 1 <= cpr <= cfg.num_clients),
+             f"clients_per_round={cpr}: must be between 1 and num_clients={cfg.num_clients} (or null for all)")
+    _require(isinstance(cfg.num_rounds, int) and cfg.num_rounds >= 1,
+             f"num_rounds={cfg.num_rounds}: must be an integer >= 1")
+    if cfg.lora.enabled:
+        _require(isinstance(cfg.lora.r, int) and cfg.lora.r >= 1,
+                 f"lora.r={cfg.lora.r}: the LoRA rank must be an integer >= 1 (or lora.enabled=false)")
+        _positive(cfg, "lora.alpha")
+        _require(0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
+    _positive(cfg, "local.lr")
+    _positive(cfg, "local.batch_size")
+    _positive(cfg, "local.max_seq_len")
+    _positive(cfg, "local.max_steps", allow_none=True)
+    _positive(cfg, "local.epochs")
+    _positive(cfg, "local.grad_clip", allow_none=True)
+    _positive(cfg, "local.weight_decay", strict=False)
+    _positive(cfg, "eval.every", strict=False)
+    _positive(cfg, "eval.batch_size")
+    _positive(cfg, "eval.bleu_samples", strict=False)
+    _positive(cfg, "eval.max_new_tokens")
+    _positive(cfg, "eval.max_samples", allow_none=True)
+    for key in ("local.batch_size", "local.max_seq_len", "eval.every", "eval.bleu_samples"):
+        value = OmegaConf.select(cfg, key)
+        _require(isinstance(value, int), f"{key}={value}: must be an integer")
+    if cfg.quant.load_in is not None:
+        _require(cfg.lora.enabled, f"quant={cfg.quant.name} needs LoRA: a quantized base cannot be trained "
+                 "full-parameter (set lora.enabled=true or quant=none)")
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python (for W&B and summary.json); hydra's own node dropped."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(out, dict)
+    out.pop("hydra", None)
+    return out

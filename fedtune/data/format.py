@@ -1,0 +1,80 @@
+"""Turn examples into token ids: prompt formatting, response-only loss masks, truncation counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.data.schema import Example
+
+IGNORE_INDEX = -100
+PLAIN_TEMPLATE = "Instruction : {prompt}\nResponse :"
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The model's chat template when it has one, else a plain instruction template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    return PLAIN_TEMPLATE.format(prompt=prompt)
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids a generation starts from (BOS + formatted prompt)."""
+    ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and not getattr(tokenizer, "chat_template", None):
+        ids = [bos, *ids]
+    return ids
+
+
+@dataclass
+class Tokenized:
+    """Per-example token ids and labels (prompt positions masked with -100)."""
+
+    input_ids: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    num_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def tokenize_generate(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int
+) -> Tokenized:
+    """Tokenize prompt/response pairs; the loss sees response tokens (and EOS) only.
+
+    Too-long examples lose the left of the prompt first (keeping at least half the window for
+    it), then the end of the response; each one cut is counted in ``num_truncated``.
+    """
+    input_ids, labels, truncated = [], [], 0
+    eos = tokenizer.eos_token_id
+    for ex in examples:
+        p = prompt_ids(tokenizer, ex["prompt"])
+        r = tokenizer(" " + ex["response"], add_special_tokens=False)["input_ids"] + [eos]
+        if len(p) + len(r) > max_seq_len:
+            truncated += 1
+            keep_p = max(max_seq_len - len(r), max_seq_len // 2)
+            p = p[-keep_p:] if keep_p > 0 else []
+            r = r[: max_seq_len - len(p)]
+        input_ids.append(torch.tensor(p + r, dtype=torch.long))
+        labels.append(torch.tensor([IGNORE_INDEX] * len(p) + r, dtype=torch.long))
+    return Tokenized(input_ids=input_ids, labels=labels, num_truncated=truncated)
+
+
+def collate(tok: Tokenized, indices: list[int], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, attention_mask, labels (padding ignored by the loss)."""
+    width = max(len(tok.input_ids[i]) for i in indices)
+    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(tok.input_ids[i])
+        ids[row, :n] = tok.input_ids[i]
+        labels[row, :n] = tok.labels[i]
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

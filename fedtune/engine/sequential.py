@@ -1,0 +1,27 @@
+"""The sequential engine: one device, the round's clients one after another."""
+
+from __future__ import annotations
+
+from fedtune.comm.channel import Message
+from fedtune.engine.client import ClientResult, ClientRuntime
+from fedtune.strategies.base import Strategy
+
+
+class SequentialEngine:
+    """Runs each client's local update in turn on the runtime's resident model."""
+
+    def __init__(self) -> None:
+        self.runtime: ClientRuntime | None = None
+
+    def start(self, runtime: ClientRuntime) -> None:
+        self.runtime = runtime
+
+    def run_round(self, strategy: Strategy, *, round_idx: int, messages: dict[int, Message]) -> dict[int, ClientResult]:
+        assert self.runtime is not None, "start() first"
+        return {
+            cid: self.runtime.run(strategy, round_idx=round_idx, client_id=cid, message=msg)
+            for cid, msg in messages.items()
+        }
+
+    def close(self) -> None:
+        self.runtime = None

@@ -1,0 +1,87 @@
+"""LoRA adapters (thin over peft) and the trainable state that clients exchange.
+
+The trainable state is a ``{name: tensor}`` dict of exactly what a client trains: the LoRA
+matrices (and any ``modules_to_save``) with LoRA, or every parameter with ``lora.enabled=false``.
+Everything returned here is a detached CPU copy: peft's ``get_peft_model_state_dict`` returns
+tensors that share memory with the live model, and a payload must never alias them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from omegaconf import DictConfig
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedModel
+
+from fedtune.errors import ConfigError
+
+State = dict[str, torch.Tensor]
+
+
+def apply_lora(
+    model: PreTrainedModel, lora_cfg: DictConfig, *, default_targets: Sequence[str], fan_in_fan_out: bool = False
+) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters (or unfreeze everything when ``lora.enabled=false``)."""
+    if not lora_cfg.enabled:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    targets = lora_cfg.target_modules or list(default_targets)
+    if isinstance(targets, str):
+        targets_arg: str | list[str] = targets  # e.g. "all-linear"
+    else:
+        targets_arg = list(targets)
+    config = LoraConfig(
+        r=int(lora_cfg.r),
+        lora_alpha=float(lora_cfg.alpha),
+        lora_dropout=float(lora_cfg.dropout),
+        target_modules=targets_arg,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ConfigError(
+            f"lora.target_modules={targets}: {str(err).splitlines()[0]} "
+            "(name modules of this model, e.g. [q_proj,v_proj], or all-linear)"
+        ) from None
+
+
+def get_trainable_state(model: torch.nn.Module) -> State:
+    """A detached CPU copy of the trainable state (never an alias of live parameters)."""
+    if isinstance(model, PeftModel):
+        live = get_peft_model_state_dict(model, save_embedding_layers=False)
+    else:
+        live = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in live.items()}
+
+
+def set_trainable_state(model: torch.nn.Module, state: State) -> None:
+    """Load ``state`` into the live model; any unexpected or missing trainable key raises."""
+    if isinstance(model, PeftModel):
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise KeyError(f"trainable state has keys the model does not: {sorted(result.unexpected_keys)[:5]}")
+        expected = get_peft_model_state_dict(model, save_embedding_layers=False).keys()
+        missing = set(expected) - set(state)
+        if missing:
+            raise KeyError(f"trainable state lacks adapter keys: {sorted(missing)[:5]}")
+        return
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != state.keys():
+        extra, missing = set(state) - set(params), set(params) - set(state)
+        raise KeyError(f"trainable state mismatch: unexpected {sorted(extra)[:5]}, missing {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

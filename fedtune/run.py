@@ -1,0 +1,208 @@
+"""Build the components from the config, then THE round loop, top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from fedtune.comm.channel import Channel
+from fedtune.comm.codec import make_codec
+from fedtune.config import to_container, validate
+from fedtune.data.format import tokenize_generate
+from fedtune.data.sources import load_splits
+from fedtune.engine.client import ClientRuntime, LocalConfig
+from fedtune.engine.store import ClientStore
+from fedtune.errors import ConfigError
+from fedtune.models.lora import apply_lora, count_parameters, get_trainable_state, set_trainable_state
+from fedtune.seeding import INIT, derive_seed, sample_clients
+from fedtune.sinks import ConsoleSink, JsonlSink, Sinks
+from fedtune.strategies.aggregate import all_finite
+from fedtune.train.evaluate import evaluate_generation
+
+log = logging.getLogger(__name__)
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={spec}: no CUDA device is visible here (use device=cpu or device=auto)")
+    return torch.device(spec)
+
+
+def _mean(values: list[float], weights: list[float]) -> float:
+    return sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1e-12)
+
+
+def run(
+    cfg: DictConfig,
+    *,
+    out_dir: str | Path,
+    choices: dict[str, str] | None = None,
+    group: str | None = None,
+    job_name: str | None = None,
+) -> dict[str, Any]:
+    """Run one experiment into ``out_dir``; returns the summary (also written to summary.json)."""
+    validate(cfg)
+    out_dir = Path(out_dir)
+    if (out_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"output_dir={out_dir}: already holds a run (metrics.jsonl); choose a new folder")
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    device = _device(str(cfg.device))
+    wall_start = time.perf_counter()
+
+    # ---- Build: data, tokenizer, the one resident model, shards, strategy, channel, engine, sinks.
+    splits = load_splits(cfg.data)
+    eval_examples = splits.eval[: cfg.eval.max_samples] if cfg.eval.max_samples else splits.eval
+    corpus = [text for ex in splits.train for text in (ex.get("prompt", ""), ex.get("response", ""))]
+    tokenizer = instantiate(cfg.model.tokenizer, texts=corpus)
+    torch.manual_seed(derive_seed(cfg.seed, 0, 0, INIT))  # model init and LoRA init
+    model = instantiate(cfg.model.builder, tokenizer=tokenizer)
+    model = apply_lora(
+        model, cfg.lora, default_targets=cfg.model.lora_target_modules, fan_in_fan_out=cfg.model.fan_in_fan_out
+    ).to(device)
+    trainable_params, total_params = count_parameters(model)
+    train_data = tokenize_generate(splits.train, tokenizer, max_seq_len=cfg.local.max_seq_len)
+    eval_data = tokenize_generate(eval_examples, tokenizer, max_seq_len=cfg.local.max_seq_len)
+
+    parts = instantiate(cfg.partition)(splits.train, num_clients=cfg.num_clients, seed=cfg.seed)
+    shards = {cid: list(idx) for cid, idx in enumerate(parts)}
+    strategy = instantiate(cfg.strategy)
+    strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients)
+    channel = Channel(up=make_codec(cfg.comm.up, key="comm.up"), down=make_codec(cfg.comm.down, key="comm.down"))
+    store = ClientStore(spill_dir=out_dir / "client_store")
+    runtime = ClientRuntime(
+        model=model, data=train_data, shards=shards, local=LocalConfig(**{
+            k: cfg.local[k] for k in ("batch_size", "lr", "epochs", "max_steps", "weight_decay", "grad_clip")
+        }), store=store, channel=channel, seed=cfg.seed, pad_id=tokenizer.pad_token_id, device=device,
+    )
+    engine = instantiate(cfg.engine)
+    clients_per_round = cfg.clients_per_round or cfg.num_clients
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = to_container(cfg)
+    sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl"), ConsoleSink(num_rounds=cfg.num_rounds)])
+    start_info = {
+        "model/trainable_params": trainable_params,
+        "model/total_params": total_params,
+        "data/train_examples": len(splits.train),
+        "data/eval_examples": len(eval_examples),
+        "data/truncated_train": train_data.num_truncated,
+        "data/truncated_eval": eval_data.num_truncated,
+        "partition/sizes": [len(shards[c]) for c in range(cfg.num_clients)],
+    }
+    log.info("model: %d trainable / %d params | clients: %s examples | device %s",
+             trainable_params, total_params, start_info["partition/sizes"], device)
+    total_bytes, rejected_total = 0, 0
+    last: dict[str, Any] = {}
+    try:
+        make_logger = instantiate(cfg.logger, _partial_=True)
+        sinks.sinks.append(make_logger(run_dir=str(out_dir), run_config=config, group=group, name=job_name))
+        sinks.summary(start_info)
+        engine.start(runtime)
+        for round_idx in range(cfg.num_rounds):
+            round_start = time.perf_counter()
+            client_ids = sample_clients(
+                seed=cfg.seed, round_idx=round_idx, num_clients=cfg.num_clients, clients_per_round=clients_per_round
+            )
+            outgoing = strategy.broadcast(round_idx, client_ids)
+            received = {cid: channel.send(msg, round_idx=round_idx, client_id=cid, direction="down")
+                        for cid, msg in outgoing.items()}
+            comm_s = time.perf_counter() - round_start
+
+            results = engine.run_round(strategy, round_idx=round_idx, messages=received)
+
+            t = time.perf_counter()
+            replies, rejected = {}, 0
+            for cid, result in results.items():
+                reply = channel.send(result.message, round_idx=round_idx, client_id=cid, direction="up")
+                if all_finite(reply.tensors):
+                    replies[cid] = reply
+                else:  # a NaN/inf update would poison the global state: drop it, count it
+                    rejected += 1
+                    log.warning("round %d: client %d sent a non-finite update; rejected", round_idx, cid)
+            comm_s += time.perf_counter() - t
+
+            t = time.perf_counter()
+            metrics: dict[str, Any] = strategy.aggregate(round_idx, replies) if replies else {}
+            aggregate_s = time.perf_counter() - t
+
+            reports = [r.report for r in results.values() if r.report is not None]
+            if reports:
+                weights = [float(r.num_examples) for r in reports]
+                metrics["train/loss"] = _mean([r.loss for r in reports], weights)
+                metrics["train/steps"] = sum(r.num_steps for r in reports)
+                metrics["train/tokens"] = sum(r.num_tokens for r in reports)
+
+            t = time.perf_counter()
+            last_round = round_idx == cfg.num_rounds - 1
+            if last_round or (cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0):
+                metrics.update(_evaluate(cfg, strategy.eval_states(store), model, tokenizer, eval_data,
+                                         eval_examples, device))
+            eval_s = time.perf_counter() - t
+
+            by = channel.bytes_by(round_idx)
+            total_bytes += by["up"] + by["down"]
+            rejected_total += rejected
+            metrics.update({
+                "comm/up_bytes": by["up"], "comm/down_bytes": by["down"], "comm/total_bytes": total_bytes,
+                **{f"comm/{k}_bytes": v for k, v in by.items() if "/" in k},
+                "comm/rejected_updates": rejected, "clients/participants": len(results),
+                "time/client_compute_s": sum(r.seconds for r in results.values()),
+                "time/comm_s": comm_s, "time/aggregate_s": aggregate_s, "time/eval_s": eval_s,
+                "time/round_s": time.perf_counter() - round_start,
+            })
+            sinks.log(metrics, step=round_idx)
+            last = metrics
+
+        _save_adapters(model, strategy.eval_states(store), out_dir / "adapter")
+        summary = {
+            "final": {k: v for k, v in last.items() if k.startswith(("eval/", "train/"))},
+            "comm/up_bytes_total": sum(t.num_bytes for t in channel.transfers if t.direction == "up"),
+            "comm/down_bytes_total": sum(t.num_bytes for t in channel.transfers if t.direction == "down"),
+            "comm/total_bytes": total_bytes,
+            "comm/rejected_updates": rejected_total,
+            "time/wall_s": time.perf_counter() - wall_start,
+            "choices": dict(choices or {}),
+            **start_info,
+        }
+        sinks.summary({k: v for k, v in summary.items() if k not in ("final", "choices")})
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        return summary
+    finally:
+        engine.close()
+        sinks.close()
+
+
+def _evaluate(cfg, states, model, tokenizer, eval_data, eval_examples, device) -> dict[str, float]:
+    """Evaluate each named state; several (local baseline) -> per-name metrics and their mean."""
+    per_name = {}
+    for name, state in states.items():
+        set_trainable_state(model, state)
+        per_name[name] = evaluate_generation(
+            model, tokenizer, eval_data, eval_examples, batch_size=cfg.eval.batch_size,
+            bleu_samples=cfg.eval.bleu_samples, max_new_tokens=cfg.eval.max_new_tokens, device=device,
+        )
+    out: dict[str, float] = {}
+    for key in next(iter(per_name.values())):
+        out[f"eval/{key}"] = sum(m[key] for m in per_name.values()) / len(per_name)
+        if len(per_name) > 1:
+            out.update({f"eval/{name}/{key}": m[key] for name, m in per_name.items()})
+    return out
+
+
+def _save_adapters(model: torch.nn.Module, states: dict[str, Any], folder: Path) -> None:
+    """The final trainable state(s) via ``save_pretrained`` (peft adapter, or the full model)."""
+    for name, state in states.items():
+        set_trainable_state(model, state)
+        target = folder if len(states) == 1 else folder / name
+        kwargs = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+        model.save_pretrained(str(target), **kwargs)

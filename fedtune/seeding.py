@@ -1,0 +1,27 @@
+"""Every random draw comes from a seed derived from (seed, round_idx, client_id, purpose)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Purposes keep streams independent: the sampler's draws never depend on a client's training.
+SAMPLE, TRAIN, INIT = 1, 2, 3
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (numpy's SeedSequence mixing: no collisions in practice)."""
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def generator(*keys: int) -> torch.Generator:
+    """A torch CPU generator seeded from ``keys``."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def sample_clients(*, seed: int, round_idx: int, num_clients: int, clients_per_round: int) -> list[int]:
+    """The round's participants: all of them, or a seeded sample without replacement (sorted)."""
+    if clients_per_round >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(derive_seed(seed, round_idx, SAMPLE))
+    return sorted(int(c) for c in rng.choice(num_clients, size=clients_per_round, replace=False))

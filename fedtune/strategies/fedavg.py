@@ -1,0 +1,33 @@
+"""FedAvg over the trainable state (FedLLM in arXiv 2501.04436; McMahan et al. 2017).
+
+Per round, per sampled client:
+  down: the global trainable state (LoRA matrices; every parameter with ``lora.enabled=false``).
+  up:   the client's trained state + ``num_examples``.
+Server: example-weighted (or uniform) mean of the uploaded states becomes the new global state.
+"""
+
+from __future__ import annotations
+
+from fedtune.comm.channel import Message
+from fedtune.engine.client import ClientContext
+from fedtune.strategies.aggregate import client_weights, weighted_mean
+from fedtune.strategies.base import Strategy, check_weighting
+
+
+class FedAvg(Strategy):
+    def __init__(self, *, weighting: str = "examples") -> None:
+        self.weighting = check_weighting(weighting)
+
+    def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
+        return {cid: Message(tensors=self.global_state) for cid in client_ids}
+
+    def local_update(self, client: ClientContext, message: Message) -> Message:
+        client.set_trainable(message.tensors)
+        result = client.train()
+        return Message(tensors=client.get_trainable(), meta={"num_examples": result.num_examples})
+
+    def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
+        replies = list(messages.values())
+        weights = client_weights([m.meta["num_examples"] for m in replies], weighting=self.weighting)
+        self.global_state = weighted_mean([m.tensors for m in replies], weights)
+        return {}

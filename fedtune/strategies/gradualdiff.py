@@ -1,0 +1,41 @@
+"""GradualDiff-Fed (arXiv 2506.19164): clients send weight differences, the server adds their mean.
+
+Per round, per client (all K clients in the paper's synchronous setting):
+  down: the global trainable state theta_g.
+  up:   delta_i = theta_i - theta_g over the trainable (LoRA) parameters + ``num_examples``.
+Server: theta_g <- theta_g + server_lr * mean_i(delta_i), the mean uniform 1/K as in the paper
+(``weighting=examples`` for a shard-size-weighted mean). With server_lr=1 and the same weights this
+is FedAvg; deltas are what make compression pay (see the ``comm`` codecs).
+"""
+
+from __future__ import annotations
+
+from fedtune.comm.channel import Message
+from fedtune.engine.client import ClientContext
+from fedtune.errors import ConfigError
+from fedtune.strategies.aggregate import add_scaled, client_weights, subtract, weighted_mean
+from fedtune.strategies.base import Strategy, check_weighting
+
+
+class GradualDiff(Strategy):
+    def __init__(self, *, server_lr: float = 1.0, weighting: str = "uniform") -> None:
+        if server_lr <= 0:
+            raise ConfigError(f"strategy.server_lr={server_lr}: must be > 0 (the paper uses 1.0)")
+        self.server_lr = float(server_lr)
+        self.weighting = check_weighting(weighting)
+
+    def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
+        return {cid: Message(tensors=self.global_state) for cid in client_ids}
+
+    def local_update(self, client: ClientContext, message: Message) -> Message:
+        client.set_trainable(message.tensors)
+        result = client.train()
+        delta = subtract(client.get_trainable(), message.tensors)
+        return Message(tensors=delta, meta={"num_examples": result.num_examples})
+
+    def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
+        replies = list(messages.values())
+        weights = client_weights([m.meta["num_examples"] for m in replies], weighting=self.weighting)
+        mean_delta = weighted_mean([m.tensors for m in replies], weights)
+        self.global_state = add_scaled(self.global_state, mean_delta, self.server_lr)
+        return {}

@@ -1,0 +1,94 @@
+"""Evaluation of a model on the global held-out split: token loss, perplexity, greedy BLEU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.data.format import IGNORE_INDEX, Tokenized, collate, prompt_ids
+from fedtune.data.schema import Example
+from fedtune.metrics.text import corpus_bleu, perplexity
+
+
+@torch.no_grad()
+def eval_loss(
+    model: torch.nn.Module, data: Tokenized, *, batch_size: int, pad_id: int, device: torch.device
+) -> dict[str, float]:
+    """Token-weighted mean NLL over response tokens, and its perplexity."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = collate(data, list(range(start, min(start + batch_size, len(data)))), pad_id=pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        total += nll.item()
+        count += int((labels != IGNORE_INDEX).sum())
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": perplexity(loss)}
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+) -> list[str]:
+    """Batched greedy generation, left-padded, stopping at EOS; returns the decoded continuations."""
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, width - len(s) :] = torch.tensor(s)
+            mask[row, width - len(s) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [o.strip() for o in outputs]
+
+
+def evaluate_generation(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: Tokenized,
+    examples: list[Example],
+    *,
+    batch_size: int,
+    bleu_samples: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """eval loss and ppl on ``data``; BLEU of greedy generations on the first ``bleu_samples``."""
+    pad = tokenizer.pad_token_id
+    metrics = eval_loss(model, data, batch_size=batch_size, pad_id=pad, device=device)
+    if bleu_samples > 0:
+        chosen = examples[:bleu_samples]
+        hyps = generate(
+            model, tokenizer, [ex["prompt"] for ex in chosen],
+            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+        )
+        refs = [tokenizer.decode(tokenizer(ex["response"], add_special_tokens=False)["input_ids"]) for ex in chosen]
+        metrics["bleu"] = corpus_bleu(hyps, refs)
+    return metrics

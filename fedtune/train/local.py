@@ -1,0 +1,103 @@
+"""Client-side local training: AdamW, gradient clipping, a fixed number of steps or epochs."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedtune.data.format import Tokenized, collate
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What one local update did (instrumentation: never sent over the channel)."""
+
+    loss: float
+    num_examples: int
+    num_steps: int
+    num_tokens: int
+    seconds: float
+
+
+def plan_steps(num_examples: int, *, batch_size: int, epochs: float, max_steps: int | None) -> int:
+    """Optimizer steps of one local update: ``max_steps`` if set, else ``epochs`` over the shard."""
+    if max_steps is not None:
+        return int(max_steps)
+    return max(1, math.ceil(epochs * math.ceil(num_examples / batch_size)))
+
+
+def batch_order(
+    indices: list[int], *, batch_size: int, num_steps: int, generator: torch.Generator
+) -> Iterator[list[int]]:
+    """``num_steps`` batches: a fresh seeded shuffle per pass over ``indices``, last batch may be short."""
+    produced = 0
+    while produced < num_steps:
+        perm = torch.randperm(len(indices), generator=generator).tolist()
+        for start in range(0, len(perm), batch_size):
+            yield [indices[j] for j in perm[start : start + batch_size]]
+            produced += 1
+            if produced == num_steps:
+                return
+
+
+def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over unmasked (response) tokens, as computed by the HF model."""
+    return model(**batch).loss
+
+
+def train_local(
+    model: torch.nn.Module,
+    data: Tokenized,
+    indices: list[int],
+    *,
+    num_steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float | None,
+    generator: torch.Generator,
+    pad_id: int,
+    device: torch.device,
+    loss_fn: LossFn | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Train the model's trainable parameters in place on ``data[indices]``.
+
+    Returns the result and the optimizer's state (callers that keep optimizer state across rounds,
+    e.g. the local baseline, pass it back in as ``optimizer_state``).
+    """
+    loss_fn = loss_fn or default_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    model.train()
+    start = time.perf_counter()
+    total_loss, tokens, steps = 0.0, 0, 0
+    for batch_idx in batch_order(indices, batch_size=batch_size, num_steps=num_steps, generator=generator):
+        batch = {k: v.to(device, non_blocking=True) for k, v in collate(data, batch_idx, pad_id=pad_id).items()}
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        # .item() is a CPU-GPU sync point; one per step is cheap next to the step itself.
+        total_loss += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+        steps += 1
+    result = TrainResult(
+        loss=total_loss / max(steps, 1),
+        num_examples=len(indices),
+        num_steps=steps,
+        num_tokens=tokens,
+        seconds=time.perf_counter() - start,
+    )
+    return result, optimizer.state_dict()
