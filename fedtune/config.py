@@ -65,3 +65,23 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     assert isinstance(out, dict)
     out.pop("hydra", None)
     return out
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our :class:`ConfigError` through unwrapped.
+
+    Hydra wraps whatever a ``_target_`` raises in ``InstantiationException``; a user mistake
+    detected inside a constructor must still reach the CLI as one line.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise

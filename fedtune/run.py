@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fedtune.comm.channel import Channel
 from fedtune.comm.codec import make_codec
-from fedtune.config import to_container, validate
+from fedtune.config import build, to_container, validate
 from fedtune.data.format import tokenize_generate
 from fedtune.data.sources import load_splits
 from fedtune.engine.client import ClientRuntime, LocalConfig
@@ -63,19 +62,20 @@ def run(
     splits = load_splits(cfg.data)
     eval_examples = splits.eval[: cfg.eval.max_samples] if cfg.eval.max_samples else splits.eval
     corpus = [text for ex in splits.train for text in (ex.get("prompt", ""), ex.get("response", ""))]
-    tokenizer = instantiate(cfg.model.tokenizer, texts=corpus)
+    tokenizer = build(cfg.model.tokenizer, texts=corpus)
     torch.manual_seed(derive_seed(cfg.seed, 0, 0, INIT))  # model init and LoRA init
-    model = instantiate(cfg.model.builder, tokenizer=tokenizer)
+    model = build(cfg.model.builder, tokenizer=tokenizer)
     model = apply_lora(
-        model, cfg.lora, default_targets=cfg.model.lora_target_modules, fan_in_fan_out=cfg.model.fan_in_fan_out
+        model, cfg.lora, default_targets=cfg.model.lora_target_modules,
+        default_modules_to_save=cfg.model.get("lora_modules_to_save"), fan_in_fan_out=cfg.model.fan_in_fan_out,
     ).to(device)
     trainable_params, total_params = count_parameters(model)
     train_data = tokenize_generate(splits.train, tokenizer, max_seq_len=cfg.local.max_seq_len)
     eval_data = tokenize_generate(eval_examples, tokenizer, max_seq_len=cfg.local.max_seq_len)
 
-    parts = instantiate(cfg.partition)(splits.train, num_clients=cfg.num_clients, seed=cfg.seed)
+    parts = build(cfg.partition)(splits.train, num_clients=cfg.num_clients, seed=cfg.seed)
     shards = {cid: list(idx) for cid, idx in enumerate(parts)}
-    strategy = instantiate(cfg.strategy)
+    strategy = build(cfg.strategy)
     strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients)
     channel = Channel(up=make_codec(cfg.comm.up, key="comm.up"), down=make_codec(cfg.comm.down, key="comm.down"))
     store = ClientStore(spill_dir=out_dir / "client_store")
@@ -84,7 +84,7 @@ def run(
             k: cfg.local[k] for k in ("batch_size", "lr", "epochs", "max_steps", "weight_decay", "grad_clip")
         }), store=store, channel=channel, seed=cfg.seed, pad_id=tokenizer.pad_token_id, device=device,
     )
-    engine = instantiate(cfg.engine)
+    engine = build(cfg.engine)
     clients_per_round = cfg.clients_per_round or cfg.num_clients
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def run(
     total_bytes, rejected_total = 0, 0
     last: dict[str, Any] = {}
     try:
-        make_logger = instantiate(cfg.logger, _partial_=True)
+        make_logger = build(cfg.logger, _partial_=True)
         sinks.sinks.append(make_logger(run_dir=str(out_dir), run_config=config, group=group, name=job_name))
         sinks.summary(start_info)
         engine.start(runtime)

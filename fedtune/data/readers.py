@@ -135,7 +135,9 @@ def read_file(path: Path, *, on_bad_rows: str = "fail", where: str | None = None
     bad = BadRows(policy=on_bad_rows, where=where)
     suffix = path.suffix.lower()
     if suffix not in _SUFFIXES:
-        raise ConfigError(f"{where}: unsupported file type {suffix or '(none)'}; use one of {', '.join(_SUFFIXES)}")
+        raise ConfigError(
+            f"{where}: unsupported file type {suffix or '(none)'}; use one of {', '.join(_SUFFIXES)}"
+        )
     if path.stat().st_size == 0:
         raise ConfigError(f"{where}: empty file")
     if suffix in (".csv", ".tsv"):
@@ -145,9 +147,10 @@ def read_file(path: Path, *, on_bad_rows: str = "fail", where: str | None = None
     else:
         rows = _read_json(path, lines=suffix != ".json", bad=bad)
         columns = list(dict.fromkeys(k for r in rows for k in r))
+    if not rows and bad.count:
+        raise ConfigError(f"{where}: no usable rows ({bad.count} bad rows skipped)")
     if not rows:
-        skipped = f" ({bad.count} bad rows skipped)" if bad.count else ""
-        raise ConfigError(f"{where}: empty file: no data rows{skipped}")
+        raise ConfigError(f"{where}: empty file: no data rows")
     return Table(rows=rows, columns=columns, where=where, bad=bad)
 
 
@@ -170,29 +173,43 @@ def _split_files(folder: Path, given: str) -> dict[str, Path]:
 
 
 def _read_delimited(path: Path, *, tsv: bool, bad: BadRows) -> tuple[list[str], list[Row]]:
+    # strict: an unclosed quote is an error at EOF, not a silent swallow of every later row
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
     delimiter = "\t" if tsv else ","
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long documents are fine
     rows: list[Row] = []
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        try:
-            header = next(reader, None)
-            if not header:
-                raise ConfigError(f"{bad.where}: empty file: no header row")
-            row_no = 0
-            for fields in reader:
-                if not fields:  # blank line
-                    continue
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
+        header, row_no = _read_header(reader, where=bad.where), 0
+        if not header:
+            raise ConfigError(f"{bad.where}: empty file: no header row")
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
                 row_no += 1
-                if len(fields) != len(header):
-                    bad.hit(row_no, f"line {reader.line_num}: expected {len(header)} fields, got {len(fields)}")
-                elif _UNDECODABLE.search(delimiter.join(fields)):
-                    bad.hit(row_no, f"line {reader.line_num}: bytes that are not valid UTF-8")
-                else:
-                    rows.append(dict(zip(header, fields)))
-        except csv.Error as e:
-            raise ConfigError(f"{bad.where}: line {reader.line_num}: unreadable CSV ({e})") from None
+                bad.hit(row_no, f"line {reader.line_num}: malformed CSV ({e}; an unclosed quote?)")
+                continue
+            if not fields:  # blank line
+                continue
+            row_no += 1
+            where = f"line {reader.line_num}"
+            if len(fields) != len(header):
+                bad.hit(row_no, f"{where}: expected {len(header)} fields, got {len(fields)}")
+            elif _UNDECODABLE.search(delimiter.join(fields)):
+                bad.hit(row_no, f"{where}: bytes that are not valid UTF-8")
+            else:
+                rows.append(dict(zip(header, fields)))
     return header, rows
+
+
+def _read_header(reader: Any, *, where: str) -> list[str] | None:
+    try:
+        return next(reader, None)
+    except csv.Error as e:
+        raise ConfigError(f"{where}: line {reader.line_num}: malformed CSV header ({e})") from None
 
 
 def _read_json(path: Path, *, lines: bool, bad: BadRows) -> list[Row]:

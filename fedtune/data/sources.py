@@ -18,9 +18,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from fedtune.config import build
 from fedtune.data.readers import BadRow, Row, Table, load_tables, present
 from fedtune.data.schema import TASKS, Example, Splits
 from fedtune.errors import ConfigError
@@ -40,7 +40,7 @@ def load_splits(data_cfg: DictConfig) -> Splits:
     Hold-out and subsampling draw from generators seeded by ``data_cfg.seed`` alone, one per purpose,
     so every run of a sweep sees the same examples whatever else changes.
     """
-    splits: Splits = instantiate(data_cfg.source, _convert_="all")
+    splits: Splits = build(data_cfg.source, _convert_="all")
     task = data_cfg.get("task")
     if task is not None and task != splits.task:
         raise ConfigError(
@@ -86,20 +86,26 @@ def hold_out(
     groups = list(dict.fromkeys(keys))
     num_eval = max(1, round(fraction * len(groups)))
     if num_eval >= len(groups):
-        raise ConfigError(f"data.eval_fraction={fraction}: leaves no training data ({len(groups)} rows/groups)")
+        raise ConfigError(
+            f"data.eval_fraction={fraction}: leaves no training data ({len(groups)} rows/groups)"
+        )
     held = set(random.Random(f"holdout:{seed}").sample(groups, num_eval))
     train = [r for r, k in zip(rows, keys) if k not in held]
     return train, [r for r, k in zip(rows, keys) if k in held]
 
 
-def banking77(*, path: str | None = None, hub_id: str | None = "PolyAI/banking77", on_bad_rows: str = "fail") -> Splits:
+def banking77(
+    *, path: str | None = None, hub_id: str | None = "PolyAI/banking77", on_bad_rows: str = "fail"
+) -> Splits:
     """Banking77 intents: ``text`` -> ``label`` (77 names). Folder: ``train.csv`` + ``test.csv``."""
     tables, info = load_tables(path=path, hub_id=hub_id, on_bad_rows=on_bad_rows)
     mapped = {}
     for split, table in tables.items():
         label_col = "label" if "label" in table.columns else "category"  # hub | local csv
         _require({split: table}, "text", label_col, why="data=banking77")
-        mapped[split] = table.map(lambda r, c=label_col: [{"text": _text(r, "text"), "label": _label_key(r, c)}])
+        mapped[split] = table.map(
+            lambda r, c=label_col: [{"text": _text(r, "text"), "label": _label_key(r, c)}]
+        )
     return _finish(mapped, tables, task="classify", info=info)
 
 
@@ -136,19 +142,23 @@ def counsel_chat(
     (split by question); without one (hub copy) eval is held out by whole questions.
     """
     tables, info = load_tables(path=path, hub_id=hub_id, on_bad_rows=on_bad_rows)
-    _require(tables, "questionID", "questionTitle", "questionText", "topic", "answerText", why="data=counsel_chat")
+    _require(
+        tables, "questionID", "questionTitle", "questionText", "topic", "answerText", why="data=counsel_chat"
+    )
 
     def row_fn(row: Row) -> list[Example]:
         parts = [_text(row, c, required=False).strip() for c in ("questionTitle", "questionText")]
         if not any(parts):
             raise BadRow("empty 'questionTitle' and 'questionText'")
-        return [{
-            "prompt": "\n".join(p for p in parts if p),
-            "response": _text(row, "answerText").strip(),
-            "topic": _text(row, "topic").strip(),
-            "question_id": _text(row, "questionID"),
-            "split": _text(row, "split", required=False).strip(),
-        }]
+        return [
+            {
+                "prompt": "\n".join(p for p in parts if p),
+                "response": _text(row, "answerText").strip(),
+                "topic": _text(row, "topic").strip(),
+                "question_id": _text(row, "questionID"),
+                "split": _text(row, "split", required=False).strip(),
+            }
+        ]
 
     mapped = {split: table.map(row_fn) for split, table in tables.items()}
     info["holdout_group"] = "question_id"
@@ -156,7 +166,9 @@ def counsel_chat(
         rows = [ex for part in mapped.values() for ex in part]
         unknown = sorted({ex["split"] for ex in rows} - set(train_splits) - set(eval_splits))
         if unknown:
-            log.warning("counsel_chat: rows with split %s are in neither train_splits nor eval_splits", unknown)
+            log.warning(
+                "counsel_chat: rows with split %s are in neither train_splits nor eval_splits", unknown
+            )
         mapped = {
             "train": [ex for ex in rows if ex["split"] in train_splits],
             "eval": [ex for ex in rows if ex["split"] in eval_splits],
@@ -168,7 +180,9 @@ def counsel_chat(
     return _finish(mapped, tables, task="generate", info=info)
 
 
-def alpaca(*, path: str | None = None, hub_id: str | None = "tatsu-lab/alpaca", on_bad_rows: str = "fail") -> Splits:
+def alpaca(
+    *, path: str | None = None, hub_id: str | None = "tatsu-lab/alpaca", on_bad_rows: str = "fail"
+) -> Splits:
     """Alpaca-style instructions: prompt = instruction (+ blank line + input when non-empty).
 
     Rows are ``{instruction, input, output}``; self-instruct seed tasks
@@ -184,7 +198,9 @@ def alpaca(*, path: str | None = None, hub_id: str | None = "tatsu-lab/alpaca", 
         instances = row.get("instances")
         if instances is None:
             instances = [{"input": row.get("input"), "output": _text(row, "output")}]
-        elif not isinstance(instances, list) or not all(isinstance(i, dict) and present(i.get("output")) for i in instances):
+        elif not isinstance(instances, list) or not all(
+            isinstance(i, dict) and present(i.get("output")) for i in instances
+        ):
             raise BadRow("'instances' must be a list of objects, each with an 'output'")
         out = []
         for inst in instances:
@@ -221,7 +237,9 @@ def files(
     columns = dict(columns or {})
     unknown = sorted(set(columns) - _ALL_SCHEMA_COLUMNS)
     if unknown:
-        raise ConfigError(f"data.columns.{unknown[0]}: unknown key; use prompt, response, text, text_pair, label")
+        raise ConfigError(
+            f"data.columns.{unknown[0]}: unknown key; use prompt, response, text, text_pair, label"
+        )
     unused = sorted(k for k, v in columns.items() if v is not None and k not in _SCHEMA_COLUMNS[task])
     if unused:
         log.warning("data.columns.%s is set but unused with data.task=%s", unused[0], task)
@@ -235,7 +253,9 @@ def files(
     used = set(wanted.values()) | _ALL_SCHEMA_COLUMNS
 
     def row_fn(row: Row) -> list[Example]:
-        ex = {k: v for k, v in row.items() if k not in used and (v is None or isinstance(v, (str, int, float)))}
+        ex = {
+            k: v for k, v in row.items() if k not in used and (v is None or isinstance(v, (str, int, float)))
+        }
         for key, col in wanted.items():
             ex[key] = _text(row, col) if key != "label" else _label_key(row, col)
         if names is not None and "label" in ex:
@@ -265,8 +285,12 @@ def _finish(
                 ex["label"] = index[ex["label"]]
     info["num_rows_skipped"] = sum(t.bad.count for t in tables.values())
     if info["num_rows_skipped"]:
-        log.warning("%s: skipped %d bad rows (data.on_bad_rows=skip)", info["files"], info["num_rows_skipped"])
-    return Splits(train=mapped["train"], eval=mapped.get("eval", []), task=task, label_names=label_names, info=info)
+        log.warning(
+            "%s: skipped %d bad rows (data.on_bad_rows=skip)", info["files"], info["num_rows_skipped"]
+        )
+    return Splits(
+        train=mapped["train"], eval=mapped.get("eval", []), task=task, label_names=label_names, info=info
+    )
 
 
 def _require(tables: dict[str, Table], *columns: str, why: str) -> None:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 
 def tiny_llama(
     *,
     tokenizer: PreTrainedTokenizerBase,
+    quant: dict | None = None,
+    num_labels: int | None = None,
     hidden_size: int = 128,
     num_layers: int = 4,
     num_heads: int = 4,
@@ -16,7 +24,10 @@ def tiny_llama(
     max_position_embeddings: int = 512,
     dtype: str = "float32",
 ) -> PreTrainedModel:
-    """A small Llama-architecture causal LM built from config (random init: seed torch first)."""
+    """A small Llama built from config (random init: seed torch first).
+
+    A causal LM, or with ``num_labels`` a sequence classifier (``score`` head on the last token).
+    """
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -29,5 +40,7 @@ def tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        num_labels=num_labels or 2,
     )
-    return LlamaForCausalLM(config).to(getattr(torch, dtype))
+    cls = LlamaForSequenceClassification if num_labels else LlamaForCausalLM
+    return cls(config).to(getattr(torch, dtype))

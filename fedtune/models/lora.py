@@ -21,7 +21,12 @@ State = dict[str, torch.Tensor]
 
 
 def apply_lora(
-    model: PreTrainedModel, lora_cfg: DictConfig, *, default_targets: Sequence[str], fan_in_fan_out: bool = False
+    model: PreTrainedModel,
+    lora_cfg: DictConfig,
+    *,
+    default_targets: Sequence[str],
+    default_modules_to_save: Sequence[str] | None = None,
+    fan_in_fan_out: bool = False,
 ) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (or unfreeze everything when ``lora.enabled=false``)."""
     if not lora_cfg.enabled:
@@ -38,6 +43,7 @@ def apply_lora(
         lora_alpha=float(lora_cfg.alpha),
         lora_dropout=float(lora_cfg.dropout),
         target_modules=targets_arg,
+        modules_to_save=list(lora_cfg.modules_to_save or default_modules_to_save or []) or None,
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
