@@ -85,3 +85,11 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         if isinstance(cause, ConfigError):
             raise cause from None
         raise
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The composed config for ``overrides`` without running anything (tests, scripts)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))

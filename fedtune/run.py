@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from fedtune.comm.channel import Channel
 from fedtune.comm.codec import make_codec
 from fedtune.config import build, to_container, validate
-from fedtune.data.format import tokenize_generate
+from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
+from fedtune.data.tasks import corpus, prepare
 from fedtune.data.sources import load_splits
 from fedtune.engine.client import ClientRuntime, LocalConfig
 from fedtune.engine.store import ClientStore
@@ -23,7 +24,7 @@ from fedtune.models.lora import apply_lora, count_parameters, get_trainable_stat
 from fedtune.seeding import INIT, derive_seed, sample_clients
 from fedtune.sinks import ConsoleSink, JsonlSink, Sinks
 from fedtune.strategies.aggregate import all_finite
-from fedtune.train.evaluate import evaluate_generation
+from fedtune.train.evaluate import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +61,28 @@ def run(
 
     # ---- Build: data, tokenizer, the one resident model, shards, strategy, channel, engine, sinks.
     splits = load_splits(cfg.data)
-    eval_examples = splits.eval[: cfg.eval.max_samples] if cfg.eval.max_samples else splits.eval
-    corpus = [text for ex in splits.train for text in (ex.get("prompt", ""), ex.get("response", ""))]
-    tokenizer = build(cfg.model.tokenizer, texts=corpus)
+    tokenizer = build(cfg.model.tokenizer, texts=corpus(splits))
+    task = prepare(splits, tokenizer, classify_with=cfg.data.classify_with, max_seq_len=cfg.local.max_seq_len,
+                   max_eval_samples=cfg.eval.max_samples)
+    quant = to_container(cfg.quant) if cfg.quant.load_in else None
     torch.manual_seed(derive_seed(cfg.seed, 0, 0, INIT))  # model init and LoRA init
-    model = build(cfg.model.builder, tokenizer=tokenizer)
+    model = build(cfg.model.builder, tokenizer=tokenizer, quant=quant, num_labels=task.num_labels)
     model = apply_lora(
         model, cfg.lora, default_targets=cfg.model.lora_target_modules,
         default_modules_to_save=cfg.model.get("lora_modules_to_save"), fan_in_fan_out=cfg.model.fan_in_fan_out,
+        task_type="SEQ_CLS" if task.num_labels else "CAUSAL_LM",
     ).to(device)
     trainable_params, total_params = count_parameters(model)
-    train_data = tokenize_generate(splits.train, tokenizer, max_seq_len=cfg.local.max_seq_len)
-    eval_data = tokenize_generate(eval_examples, tokenizer, max_seq_len=cfg.local.max_seq_len)
 
     parts = build(cfg.partition)(splits.train, num_clients=cfg.num_clients, seed=cfg.seed)
     shards = {cid: list(idx) for cid, idx in enumerate(parts)}
+    report = partition_report(splits.train, parts, column=cfg.partition.get("column"), label_names=splits.label_names)
     strategy = build(cfg.strategy)
     strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients)
     channel = Channel(up=make_codec(cfg.comm.up, key="comm.up"), down=make_codec(cfg.comm.down, key="comm.down"))
     store = ClientStore(spill_dir=out_dir / "client_store")
     runtime = ClientRuntime(
-        model=model, data=train_data, shards=shards, local=LocalConfig(**{
+        model=model, data=task.train, shards=shards, local=LocalConfig(**{
             k: cfg.local[k] for k in ("batch_size", "lr", "epochs", "max_steps", "weight_decay", "grad_clip")
         }), store=store, channel=channel, seed=cfg.seed, pad_id=tokenizer.pad_token_id, device=device,
     )
@@ -88,15 +90,18 @@ def run(
     clients_per_round = cfg.clients_per_round or cfg.num_clients
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "partition.json").write_text(json.dumps(report, indent=1))
+    heatmap = save_heatmap(report, out_dir / "plots" / "partition.png") if report["values"] else None
+    log.info("partition (%s):\n%s", report["column"] or "sizes", format_report_table(report))
     config = to_container(cfg)
     sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl"), ConsoleSink(num_rounds=cfg.num_rounds)])
     start_info = {
         "model/trainable_params": trainable_params,
         "model/total_params": total_params,
         "data/train_examples": len(splits.train),
-        "data/eval_examples": len(eval_examples),
-        "data/truncated_train": train_data.num_truncated,
-        "data/truncated_eval": eval_data.num_truncated,
+        "data/eval_examples": len(task.eval),
+        "data/truncated_train": task.train.num_truncated,
+        "data/truncated_eval": task.eval.num_truncated,
         "partition/sizes": [len(shards[c]) for c in range(cfg.num_clients)],
     }
     log.info("model: %d trainable / %d params | clients: %s examples | device %s",
@@ -107,6 +112,8 @@ def run(
         make_logger = build(cfg.logger, _partial_=True)
         sinks.sinks.append(make_logger(run_dir=str(out_dir), run_config=config, group=group, name=job_name))
         sinks.summary(start_info)
+        sinks.log_media(images={"partition/heatmap": heatmap} if heatmap else {},
+                        tables={"partition/clients": partition_table(report)})
         engine.start(runtime)
         for round_idx in range(cfg.num_rounds):
             round_start = time.perf_counter()
@@ -145,8 +152,7 @@ def run(
             t = time.perf_counter()
             last_round = round_idx == cfg.num_rounds - 1
             if last_round or (cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0):
-                metrics.update(_evaluate(cfg, strategy.eval_states(store), model, tokenizer, eval_data,
-                                         eval_examples, device))
+                metrics.update(_evaluate(cfg, strategy.eval_states(store), model, tokenizer, task, device))
             eval_s = time.perf_counter() - t
 
             by = channel.bytes_by(round_idx)
@@ -182,13 +188,20 @@ def run(
         sinks.close()
 
 
-def _evaluate(cfg, states, model, tokenizer, eval_data, eval_examples, device) -> dict[str, float]:
+def partition_table(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The partition as (columns, rows): one row per client, its size and per-value counts."""
+    names = [str(n) for n in report["value_names"]]
+    rows = [[cid, report["counts"][cid], *report["histograms"][cid]] for cid in range(report["num_clients"])]
+    return ["client", "examples", *names], rows
+
+
+def _evaluate(cfg, states, model, tokenizer, task, device) -> dict[str, float]:
     """Evaluate each named state; several (local baseline) -> per-name metrics and their mean."""
     per_name = {}
     for name, state in states.items():
         set_trainable_state(model, state)
-        per_name[name] = evaluate_generation(
-            model, tokenizer, eval_data, eval_examples, batch_size=cfg.eval.batch_size,
+        per_name[name] = evaluate(
+            task, model, tokenizer, batch_size=cfg.eval.batch_size,
             bleu_samples=cfg.eval.bleu_samples, max_new_tokens=cfg.eval.max_new_tokens, device=device,
         )
     out: dict[str, float] = {}

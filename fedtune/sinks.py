@@ -21,6 +21,8 @@ class MetricSink(Protocol):
 
     def summary(self, values: dict[str, Any]) -> None: ...
 
+    def log_media(self, *, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -34,6 +36,9 @@ class NullSink:
         pass
 
     def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def log_media(self, *, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None:
         pass
 
     def close(self) -> None:
@@ -59,6 +64,9 @@ class JsonlSink:
         self._file.flush()
 
     def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def log_media(self, *, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None:
         pass
 
     def close(self) -> None:
@@ -102,6 +110,12 @@ class WandbSink:
     def summary(self, values: dict[str, Any]) -> None:
         self.run.summary.update(values)
 
+    def log_media(self, *, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None:
+        payload: dict[str, Any] = {k: self._wandb.Image(str(p)) for k, p in images.items()}
+        payload.update({k: self._wandb.Table(columns=cols, data=rows) for k, (cols, rows) in tables.items()})
+        if payload:
+            self.run.log(payload, commit=False)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -124,6 +138,9 @@ class ConsoleSink:
         log.info(" | ".join(parts))
 
     def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def log_media(self, *, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None:
         pass
 
     def close(self) -> None:
@@ -151,6 +168,10 @@ class Sinks:
     def summary(self, values: dict[str, Any]) -> None:
         for sink in self.sinks:
             sink.summary(values)
+
+    def log_media(self, *, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None:
+        for sink in self.sinks:
+            sink.log_media(images=images, tables=tables)
 
     def close(self) -> None:
         errors = []

@@ -67,14 +67,23 @@ def tokenize_generate(
 
 
 def collate(tok: Tokenized, indices: list[int], *, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids, attention_mask, labels (padding ignored by the loss)."""
+    """Right-pad a batch: input_ids, attention_mask, labels.
+
+    Token labels are padded with -100 (ignored by the loss); a classification label (0-d tensor per
+    example) is stacked into shape (batch,).
+    """
     width = max(len(tok.input_ids[i]) for i in indices)
     ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(indices), width), dtype=torch.long)
+    per_token = tok.labels[indices[0]].dim() > 0
+    if per_token:
+        labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
+    else:
+        labels = torch.stack([tok.labels[i] for i in indices])
     for row, i in enumerate(indices):
         n = len(tok.input_ids[i])
         ids[row, :n] = tok.input_ids[i]
-        labels[row, :n] = tok.labels[i]
         mask[row, :n] = 1
+        if per_token:
+            labels[row, :n] = tok.labels[i]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

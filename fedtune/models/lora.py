@@ -27,6 +27,7 @@ def apply_lora(
     default_targets: Sequence[str],
     default_modules_to_save: Sequence[str] | None = None,
     fan_in_fan_out: bool = False,
+    task_type: str = "CAUSAL_LM",
 ) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters (or unfreeze everything when ``lora.enabled=false``)."""
     if not lora_cfg.enabled:
@@ -46,7 +47,7 @@ def apply_lora(
         modules_to_save=list(lora_cfg.modules_to_save or default_modules_to_save or []) or None,
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, config)

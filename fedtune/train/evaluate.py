@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.format import IGNORE_INDEX, Tokenized, collate, prompt_ids
+from fedtune.data.tasks import TaskData
 from fedtune.data.schema import Example
+from fedtune.metrics.classification import accuracy, macro_f1
 from fedtune.metrics.text import corpus_bleu, perplexity
 
 
@@ -69,26 +71,56 @@ def generate(
     return [o.strip() for o in outputs]
 
 
-def evaluate_generation(
+def _normalize(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """Text as the tokenizer would give it back (word-level tokenizers re-space punctuation)."""
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def eval_head(
+    model: torch.nn.Module, data: Tokenized, *, batch_size: int, pad_id: int, device: torch.device
+) -> dict[str, float]:
+    """Cross-entropy, accuracy and macro-F1 of a sequence-classification head."""
+    model.eval()
+    total, preds, golds = 0.0, [], []
+    for start in range(0, len(data), batch_size):
+        batch = collate(data, list(range(start, min(start + batch_size, len(data)))), pad_id=pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        total += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        preds += logits.argmax(-1).tolist()
+        golds += batch["labels"].tolist()
+    loss = total / max(len(golds), 1)
+    return {"loss": loss, "accuracy": accuracy(preds, golds), "macro_f1": macro_f1(preds, golds)}
+
+
+def evaluate(
+    task: TaskData,
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    data: Tokenized,
-    examples: list[Example],
     *,
     batch_size: int,
     bleu_samples: int,
     max_new_tokens: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """eval loss and ppl on ``data``; BLEU of greedy generations on the first ``bleu_samples``."""
+    """The task's eval metrics for the model's current trainable state."""
     pad = tokenizer.pad_token_id
-    metrics = eval_loss(model, data, batch_size=batch_size, pad_id=pad, device=device)
-    if bleu_samples > 0:
+    if task.kind == "classify_head":
+        return eval_head(model, task.eval, batch_size=batch_size, pad_id=pad, device=device)
+    metrics = eval_loss(model, task.eval, batch_size=batch_size, pad_id=pad, device=device)
+    examples = task.eval_examples
+    if task.kind == "classify_generate":
+        assert task.label_names is not None
+        names = {_normalize(tokenizer, n): i for i, n in enumerate(task.label_names)}
+        hyps = generate(model, tokenizer, [ex["prompt"] for ex in examples],
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+        preds = [names.get(h.strip(), -1) for h in hyps]
+        golds = [ex["label"] for ex in examples]
+        metrics.update(accuracy=accuracy(preds, golds), macro_f1=macro_f1(preds, golds))
+    elif bleu_samples > 0:
         chosen = examples[:bleu_samples]
-        hyps = generate(
-            model, tokenizer, [ex["prompt"] for ex in chosen],
-            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
-        )
-        refs = [tokenizer.decode(tokenizer(ex["response"], add_special_tokens=False)["input_ids"]) for ex in chosen]
-        metrics["bleu"] = corpus_bleu(hyps, refs)
+        hyps = generate(model, tokenizer, [ex["prompt"] for ex in chosen],
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+        metrics["bleu"] = corpus_bleu(hyps, [_normalize(tokenizer, ex["response"]) for ex in chosen])
     return metrics
