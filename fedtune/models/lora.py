@@ -39,12 +39,14 @@ def apply_lora(
         targets_arg: str | list[str] = targets  # e.g. "all-linear"
     else:
         targets_arg = list(targets)
+    # null -> the model's default; [] -> nothing beyond the LoRA matrices
+    to_save = lora_cfg.modules_to_save if lora_cfg.modules_to_save is not None else (default_modules_to_save or [])
     config = LoraConfig(
         r=int(lora_cfg.r),
         lora_alpha=float(lora_cfg.alpha),
         lora_dropout=float(lora_cfg.dropout),
         target_modules=targets_arg,
-        modules_to_save=list(lora_cfg.modules_to_save or default_modules_to_save or []) or None,
+        modules_to_save=list(to_save) or None,
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
         task_type=task_type,

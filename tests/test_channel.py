@@ -1,0 +1,85 @@
+"""The channel counts len() of the serialized payload and never aliases the sender's tensors."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from fedtune.comm.channel import Channel, Message
+from fedtune.comm.codec import make_codec
+from fedtune.errors import ConfigError
+
+
+def _expected_len(tensors, meta, codec_meta):
+    """Independent size: safetensors = 8-byte length + JSON header (space-padded to 8) + raw data."""
+    header = {"__metadata__": {"meta": json.dumps(meta, sort_keys=True), "codec": json.dumps(codec_meta, sort_keys=True)}}
+    offset = 0
+    for name in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[t.dtype],
+                        "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    return len(save(tensors, metadata=header["__metadata__"])), offset
+
+
+def test_bytes_equal_serialized_length_and_hand_formula():
+    ch = Channel()
+    t = {"a": torch.randn(3, 4), "b": torch.randn(5)}
+    msg = Message(tensors=t, meta={"num_examples": 7})
+    ch.send(msg, round_idx=0, client_id=1, direction="up")
+    counted = ch.transfers[0].num_bytes
+    expected, data_bytes = _expected_len(t, {"num_examples": 7}, {})
+    assert counted == expected
+    assert data_bytes == (12 + 5) * 4
+    # header: 8-byte length prefix + JSON; the data portion is exact.
+    header_len = struct.unpack("<Q", save(t, metadata={"meta": '{"num_examples": 7}', "codec": "{}"})[:8])[0]
+    assert counted == 8 + header_len + data_bytes
+
+
+def test_bf16_about_half_of_fp32():
+    t = {"w": torch.randn(256, 256)}
+    fp32, bf16 = Channel(), Channel(up=make_codec("bf16"))
+    fp32.send(Message(tensors=t), round_idx=0, client_id=0, direction="up")
+    got = bf16.send(Message(tensors=t), round_idx=0, client_id=0, direction="up")
+    n32, n16 = fp32.transfers[0].num_bytes, bf16.transfers[0].num_bytes
+    data = 256 * 256
+    assert n32 - 4 * data == pytest.approx(n16 - 2 * data, abs=64)  # same small header either way
+    assert got.tensors["w"].dtype == torch.float32  # decoded back to the original dtype
+    assert torch.allclose(got.tensors["w"], t["w"], rtol=1e-2, atol=1e-2)
+    assert not torch.equal(got.tensors["w"], t["w"])  # bf16 is lossy
+
+
+def test_fp16_roundtrip_and_directions_counted_separately():
+    ch = Channel(up=make_codec("fp16"), down=make_codec("none"))
+    t = {"w": torch.randn(100)}
+    ch.send(Message(tensors=t), round_idx=2, client_id=0, direction="down")
+    ch.send(Message(tensors=t), round_idx=2, client_id=0, direction="up")
+    by = ch.bytes_by(2)
+    assert by["down"] == len(save(t, metadata={"meta": "{}", "codec": "{}"}))
+    assert 0 < by["down"] - 8 - 400 < 128  # length prefix + 100 x 4 data bytes + a small JSON header
+    # up: 2 bytes a value, plus the dtype to restore in the header
+    assert by["up"] == len(save({"w": t["w"].half()}, metadata={"meta": "{}", "codec": '{"w": "float32"}'}))
+    assert ch.bytes_by(1) == {"up": 0, "down": 0}
+
+
+def test_receiver_never_aliases_sender():
+    ch = Channel()
+    t = {"w": torch.zeros(10)}
+    got = ch.send(Message(tensors=t), round_idx=0, client_id=0, direction="down").tensors["w"]
+    assert got.data_ptr() != t["w"].data_ptr()
+    t["w"] += 1
+    assert torch.equal(got, torch.zeros(10))
+
+
+def test_empty_message_sends_nothing():
+    ch = Channel()
+    got = ch.send(Message(pool=(1, 2)), round_idx=0, client_id=0, direction="down")
+    assert ch.transfers == [] and got.pool == (1, 2)
+
+
+def test_unknown_codec_is_a_config_error():
+    with pytest.raises(ConfigError, match="comm.up=zip"):
+        make_codec("zip", key="comm.up")

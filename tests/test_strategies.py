@@ -1,0 +1,90 @@
+"""Strategies with fake clients: hand-computed 2-client rounds."""
+
+import pytest
+import torch
+
+from fakes import FakeClient, one_round
+from fedtune.engine.store import ClientStore
+from fedtune.errors import ConfigError
+from fedtune.strategies.centralized import TRAINER_ID, Centralized
+from fedtune.strategies.fedavg import FedAvg
+from fedtune.strategies.gradualdiff import GradualDiff
+from fedtune.strategies.local import Local
+
+INIT = {"w": torch.tensor([1.0, 2.0])}
+
+
+def _clients():
+    # client 0: +1.0 on 10 examples; client 1: +4.0 on 30 examples
+    return {0: FakeClient(0, 1.0, 10), 1: FakeClient(1, 4.0, 30)}
+
+
+def test_fedavg_two_clients_by_hand():
+    s = FedAvg(weighting="examples")
+    s.setup(initial_state=INIT, num_clients=2)
+    _, replies = one_round(s, _clients())
+    assert torch.equal(replies[1].tensors["w"], torch.tensor([5.0, 6.0]))  # uploads the trained state
+    assert replies[1].meta == {"num_examples": 30}
+    # (10 * [2, 3] + 30 * [5, 6]) / 40 = [4.25, 5.25]
+    assert torch.allclose(s.global_state["w"], torch.tensor([4.25, 5.25]))
+
+
+def test_gradualdiff_two_clients_by_hand():
+    s = GradualDiff(server_lr=0.5, weighting="uniform")
+    s.setup(initial_state=INIT, num_clients=2)
+    _, replies = one_round(s, _clients())
+    assert torch.equal(replies[0].tensors["w"], torch.tensor([1.0, 1.0]))  # uploads the delta
+    # mean delta = (1 + 4) / 2 = 2.5; theta += 0.5 * 2.5
+    assert torch.allclose(s.global_state["w"], torch.tensor([2.25, 3.25]))
+
+
+def test_fedavg_equals_gradualdiff_with_server_lr_1_and_same_weights():
+    torch.manual_seed(0)
+    init = {"a": torch.randn(4, 3), "b": torch.randn(7)}
+    for weighting in ("examples", "uniform"):
+        fa, gd = FedAvg(weighting=weighting), GradualDiff(server_lr=1.0, weighting=weighting)
+        fa.setup(initial_state=init, num_clients=3)
+        gd.setup(initial_state=init, num_clients=3)
+        for r in range(3):
+            clients = {c: FakeClient(c, 0.1 * (c + 1) * (r + 1), 5 + 10 * c) for c in range(3)}
+            one_round(fa, clients, r)
+            clients = {c: FakeClient(c, 0.1 * (c + 1) * (r + 1), 5 + 10 * c) for c in range(3)}
+            one_round(gd, clients, r)
+        for k in init:
+            assert torch.allclose(fa.global_state[k], gd.global_state[k], atol=1e-6)
+
+
+def test_centralized_pools_the_round_and_sends_nothing():
+    s = Centralized()
+    s.setup(initial_state=INIT, num_clients=3)
+    messages = s.broadcast(0, [0, 1, 2])
+    assert list(messages) == [TRAINER_ID] and messages[TRAINER_ID].pool == (0, 1, 2)
+    assert messages[TRAINER_ID].is_empty()
+    trainer = FakeClient(TRAINER_ID, 1.0, 99)
+    assert s.local_update(trainer, messages[TRAINER_ID]).is_empty()
+    assert s.local_update(trainer, messages[TRAINER_ID]).is_empty()  # continues from its own state
+    assert torch.equal(trainer.state["trainable"]["w"], torch.tensor([3.0, 4.0]))
+    store = ClientStore()
+    store.put(TRAINER_ID, trainer.state)
+    assert torch.equal(s.eval_states(store)["global"]["w"], torch.tensor([3.0, 4.0]))
+
+
+def test_local_keeps_each_client_separate():
+    s = Local()
+    s.setup(initial_state=INIT, num_clients=2)
+    clients, store = _clients(), ClientStore()
+    for _ in range(2):
+        for cid, msg in s.broadcast(0, [0, 1]).items():
+            assert msg.is_empty()
+            s.local_update(clients[cid], msg)
+            store.put(cid, clients[cid].state)
+    states = s.eval_states(store)
+    assert torch.equal(states["client0"]["w"], torch.tensor([3.0, 4.0]))
+    assert torch.equal(states["client1"]["w"], torch.tensor([9.0, 10.0]))
+
+
+def test_bad_strategy_settings():
+    with pytest.raises(ConfigError, match="strategy.weighting"):
+        FedAvg(weighting="median")
+    with pytest.raises(ConfigError, match="strategy.server_lr"):
+        GradualDiff(server_lr=0)
