@@ -1,0 +1,69 @@
+"""The CLI: bad input is one line on stderr, exit code 2, no traceback, nothing written."""
+
+import sys
+
+import pytest
+
+from conftest import FAST
+from fedtune import cli
+
+
+def _main(monkeypatch, tmp_path, *args):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fedtune", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    return exc.value.code
+
+
+BAD = [
+    (["model=nope"], "model=nope"),
+    (["foo=1"], "foo"),
+    (["lora.r=0"], "lora.r=0"),
+    (["num_clients=0"], "num_clients=0"),
+    (["clients_per_round=5"], "clients_per_round=5"),
+    (["local.lr=-0.1"], "local.lr=-0.1"),
+    (["comm.up=zip"], "comm.up=zip"),
+    (["-m", "lora.r=4,0"], "lora.r=0"),
+]
+
+
+@pytest.mark.parametrize(("args", "needle"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_one_line_exit_2(monkeypatch, tmp_path, capsys, args, needle):
+    code = _main(monkeypatch, tmp_path, *args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("fedtune: error: ") and needle in err
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("metrics.jsonl"))
+
+
+def test_more_clients_than_examples_is_one_line(monkeypatch, tmp_path, capsys):
+    code = _main(monkeypatch, tmp_path, "logger=none", "num_clients=100", "data.source.num_train=20")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "num_clients" in err
+
+
+def test_multirun_writes_one_folder_per_job(monkeypatch, tmp_path):
+    args = [*FAST, "num_rounds=1", "local.max_steps=1", "eval.bleu_samples=0"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fedtune", "-m", *args, "lora.r=4,8", "seed=0,1"])
+    cli.main()
+    sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+    for job in jobs:
+        assert (sweeps[0] / job / "metrics.jsonl").exists()
+        assert (sweeps[0] / job / ".hydra" / "overrides.yaml").exists()
+
+
+def test_single_run_with_wandb_offline(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in FAST if a != "logger=none"]
+    monkeypatch.setattr(sys, "argv", ["fedtune", *args, "num_rounds=1", "logger=wandb"])
+    cli.main()
+    (run_dir,) = list((tmp_path / "outputs" / "runs").iterdir())
+    assert (run_dir / "metrics.jsonl").exists() and (run_dir / "summary.json").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
