@@ -11,30 +11,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from fedtune.comm.channel import Channel
-from fedtune.comm.codec import make_codec
 from fedtune.config import build, to_container, validate
 from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
-from fedtune.data.tasks import corpus, prepare
-from fedtune.data.sources import load_splits
-from fedtune.engine.client import ClientRuntime, LocalConfig
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
-from fedtune.models.lora import apply_lora, count_parameters, get_trainable_state, set_trainable_state
-from fedtune.seeding import INIT, derive_seed, sample_clients
+from fedtune.models.lora import count_parameters, get_trainable_state, set_trainable_state
+from fedtune.seeding import sample_clients
 from fedtune.sinks import ConsoleSink, JsonlSink, Sinks
 from fedtune.strategies.aggregate import all_finite
 from fedtune.train.evaluate import evaluate
+from fedtune.world import build_world, client_runtime, make_channel, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={spec}: no CUDA device is visible here (use device=cpu or device=auto)")
-    return torch.device(spec)
 
 
 def _mean(values: list[float], weights: list[float]) -> float:
@@ -56,36 +44,20 @@ def run(
         raise ConfigError(f"output_dir={out_dir}: already holds a run (metrics.jsonl); choose a new folder")
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
-    device = _device(str(cfg.device))
+    device = resolve_device(str(cfg.device))
     wall_start = time.perf_counter()
 
     # ---- Build: data, tokenizer, the one resident model, shards, strategy, channel, engine, sinks.
-    splits = load_splits(cfg.data)
-    tokenizer = build(cfg.model.tokenizer, texts=corpus(splits))
-    task = prepare(splits, tokenizer, classify_with=cfg.data.classify_with, max_seq_len=cfg.local.max_seq_len,
-                   max_eval_samples=cfg.eval.max_samples)
-    quant = to_container(cfg.quant) if cfg.quant.load_in else None
-    torch.manual_seed(derive_seed(cfg.seed, 0, 0, INIT))  # model init and LoRA init
-    model = build(cfg.model.builder, tokenizer=tokenizer, quant=quant, num_labels=task.num_labels)
-    model = apply_lora(
-        model, cfg.lora, default_targets=cfg.model.lora_target_modules,
-        default_modules_to_save=cfg.model.get("lora_modules_to_save"), fan_in_fan_out=cfg.model.fan_in_fan_out,
-        task_type="SEQ_CLS" if task.num_labels else "CAUSAL_LM",
-    ).to(device)
+    world = build_world(cfg, device=device)
+    splits, tokenizer, task, model, shards = world.splits, world.tokenizer, world.task, world.model, world.shards
     trainable_params, total_params = count_parameters(model)
-
-    parts = build(cfg.partition)(splits.train, num_clients=cfg.num_clients, seed=cfg.seed)
-    shards = {cid: list(idx) for cid, idx in enumerate(parts)}
-    report = partition_report(splits.train, parts, column=cfg.partition.get("column"), label_names=splits.label_names)
+    report = partition_report(splits.train, world.parts, column=cfg.partition.get("column"),
+                              label_names=splits.label_names)
     strategy = build(cfg.strategy)
     strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients)
-    channel = Channel(up=make_codec(cfg.comm.up, key="comm.up"), down=make_codec(cfg.comm.down, key="comm.down"))
+    channel = make_channel(cfg)
     store = ClientStore(spill_dir=out_dir / "client_store")
-    runtime = ClientRuntime(
-        model=model, data=task.train, shards=shards, local=LocalConfig(**{
-            k: cfg.local[k] for k in ("batch_size", "lr", "epochs", "max_steps", "weight_decay", "grad_clip")
-        }), store=store, channel=channel, seed=cfg.seed, pad_id=tokenizer.pad_token_id, device=device,
-    )
+    runtime = client_runtime(cfg, world, store=store, channel=channel)
     engine = build(cfg.engine)
     clients_per_round = cfg.clients_per_round or cfg.num_clients
 
@@ -114,7 +86,7 @@ def run(
         sinks.summary(start_info)
         sinks.log_media(images={"partition/heatmap": heatmap} if heatmap else {},
                         tables={"partition/clients": partition_table(report)})
-        engine.start(runtime)
+        engine.start(runtime, cfg)
         for round_idx in range(cfg.num_rounds):
             round_start = time.perf_counter()
             client_ids = sample_clients(

@@ -3,8 +3,8 @@
 import sys
 
 import pytest
-
 from conftest import FAST
+
 from fedtune import cli
 
 

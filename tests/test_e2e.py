@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics
 from safetensors.torch import load_file, save
 
-from conftest import read_metrics
 from fedtune.config import CONF_DIR
 
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml"))

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from fakes import FakeClient, one_round
+
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
 from fedtune.strategies.centralized import TRAINER_ID, Centralized

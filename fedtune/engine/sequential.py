@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from omegaconf import DictConfig
+
 from fedtune.comm.channel import Message
 from fedtune.engine.client import ClientResult, ClientRuntime
 from fedtune.strategies.base import Strategy
@@ -13,7 +15,7 @@ class SequentialEngine:
     def __init__(self) -> None:
         self.runtime: ClientRuntime | None = None
 
-    def start(self, runtime: ClientRuntime) -> None:
+    def start(self, runtime: ClientRuntime, cfg: DictConfig | None = None) -> None:
         self.runtime = runtime
 
     def run_round(self, strategy: Strategy, *, round_idx: int, messages: dict[int, Message]) -> dict[int, ClientResult]:

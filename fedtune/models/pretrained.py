@@ -129,11 +129,16 @@ def resolve(name_or_path: str | None, *, name: str, packaged: Mapping[str, Any] 
         source = _packaged(packaged, name=name)
         if source is not None:
             if name_or_path:
-                log.info("%s=%s: hub unreachable; using the copy packaged in %s",
-                         KEY, name_or_path, packaged["package"])
+                _log_once(f"{KEY}={name_or_path}: {'HF_HUB_OFFLINE is set' if offline() else 'hub unreachable'}; "
+                          f"using the copy packaged in {packaged['package']} ({source.path})")
             return source
     where = "HF_HUB_OFFLINE is set" if offline() else "the hub is unreachable"
     raise ConfigError(f"{KEY}={name_or_path}: not a local folder and {where}; {_fix(packaged)}")
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 def _packaged(packaged: Mapping[str, Any], *, name: str) -> Source | None:

@@ -8,7 +8,6 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.format import IGNORE_INDEX, Tokenized, collate, prompt_ids
 from fedtune.data.tasks import TaskData
-from fedtune.data.schema import Example
 from fedtune.metrics.classification import accuracy, macro_f1
 from fedtune.metrics.text import corpus_bleu, perplexity
 

@@ -1,0 +1,80 @@
+"""Everything a run builds from its config before round 0, deterministic given the config.
+
+The server process builds a :class:`World` once; a parallel worker builds its own (the same data,
+shards and initial model, because every draw is seeded from the config) and keeps its model
+resident for the whole run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from transformers import PreTrainedTokenizerBase
+
+from fedtune.comm.channel import Channel
+from fedtune.comm.codec import make_codec
+from fedtune.config import build, to_container
+from fedtune.data.schema import Splits
+from fedtune.data.sources import load_splits
+from fedtune.data.tasks import TaskData, corpus, prepare
+from fedtune.engine.client import ClientRuntime, LocalConfig
+from fedtune.engine.store import ClientStore
+from fedtune.errors import ConfigError
+from fedtune.models.lora import apply_lora
+from fedtune.seeding import INIT, derive_seed
+
+
+@dataclass
+class World:
+    splits: Splits
+    tokenizer: PreTrainedTokenizerBase
+    task: TaskData
+    model: torch.nn.Module
+    parts: list[list[int]]
+    device: torch.device
+
+    @property
+    def shards(self) -> dict[int, list[int]]:
+        return {cid: list(idx) for cid, idx in enumerate(self.parts)}
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={spec}: no CUDA device is visible here (use device=cpu or device=auto)")
+    return torch.device(spec)
+
+
+def build_world(cfg: DictConfig, *, device: torch.device) -> World:
+    """Data, tokenizer, tokenized task, the resident model (LoRA applied) and the partition."""
+    splits = load_splits(cfg.data)
+    tokenizer = build(cfg.model.tokenizer, texts=corpus(splits))
+    task = prepare(splits, tokenizer, classify_with=cfg.data.classify_with, max_seq_len=cfg.local.max_seq_len,
+                   max_eval_samples=cfg.eval.max_samples)
+    quant = to_container(cfg.quant) if cfg.quant.load_in else None
+    torch.manual_seed(derive_seed(cfg.seed, 0, 0, INIT))  # model init and LoRA init
+    model = build(cfg.model.builder, tokenizer=tokenizer, quant=quant, num_labels=task.num_labels)
+    model = apply_lora(
+        model, cfg.lora, default_targets=cfg.model.lora_target_modules,
+        default_modules_to_save=cfg.model.get("lora_modules_to_save"), fan_in_fan_out=cfg.model.fan_in_fan_out,
+        task_type="SEQ_CLS" if task.num_labels else "CAUSAL_LM",
+    ).to(device)
+    parts = build(cfg.partition)(splits.train, num_clients=cfg.num_clients, seed=cfg.seed)
+    return World(splits=splits, tokenizer=tokenizer, task=task, model=model, parts=parts, device=device)
+
+
+def make_channel(cfg: DictConfig) -> Channel:
+    return Channel(up=make_codec(cfg.comm.up, key="comm.up"), down=make_codec(cfg.comm.down, key="comm.down"))
+
+
+def client_runtime(cfg: DictConfig, world: World, *, store: ClientStore, channel: Channel) -> ClientRuntime:
+    """The host for clients' local updates on this process's resident model."""
+    local = LocalConfig(**{k: cfg.local[k] for k in ("batch_size", "lr", "epochs", "max_steps", "weight_decay",
+                                                     "grad_clip")})
+    return ClientRuntime(
+        model=world.model, data=world.task.train, shards=world.shards, local=local, store=store, channel=channel,
+        seed=cfg.seed, pad_id=world.tokenizer.pad_token_id, device=world.device,
+    )
