@@ -1,11 +1,35 @@
 """What goes on the wire: codecs turn a tensor dict into an encoded tensor dict + small metadata.
 
-A codec is lossless (``none``) or lossy (casts). ``decode(encode(x))`` returns tensors with the
-original dtypes. Codecs never see bytes; the channel serializes what they return.
+A codec is lossless (``none``) or lossy (casts, blockwise quantizers, sparsifiers).
+``decode(encode(x))`` returns tensors with the original names, shapes and dtypes. Codecs never see
+bytes: the channel serializes what they return (safetensors) and puts ``meta`` in its header, so
+everything the receiver needs is in the encoded tensors or in ``meta`` -- nothing stays with the sender.
+
+Spec grammar (``comm.up=...``, ``comm.down=...``), parsed by :func:`make_codec`::
+
+    spec   := value | sparse | sparse '+' value
+    value  := none | fp32 | fp16 | bf16 | int8['@'B] | nf4['@'B] | fp4['@'B]
+    sparse := topk F | randk F            (0 < F <= 1: the kept fraction, per tensor)
+
+``int8`` is blockwise absmax (B=256 by default), ``nf4``/``fp4`` are 4-bit (two codes a byte, B=64).
+In ``topk0.01+int8`` the sparsifier's kept values (and the tensors it left alone) go through the
+value codec. Encoded names are derived (``w::values``, ``w::idx``, ``w::absmax``).
+
+``meta`` is one flat namespace shared by the stages of a composition: a stage's keys are either the
+name of a tensor it transformed or ``@<codec>`` for its own parameters, and each stage's ``decode``
+acts only on the tensors it finds, so stages never read each other's keys.
+
+Small tensors: quantizers and sparsifiers send floating tensors with fewer than :data:`MIN_NUMEL`
+elements as they are (casts still cast them). Each extra encoded tensor costs ~60-110 header bytes
+(its JSON entry: name, dtype, shape, offsets), so below ~40-50 elements int8 or top-k makes the payload
+*larger*, and under 256 elements (1 KiB in fp32) the few hundred bytes saved are not worth
+perturbing 1-D norms and biases (see tests/test_codecs.py for the measured break-even).
 """
 
 from __future__ import annotations
 
+import re
+from fractions import Fraction
 from typing import Protocol
 
 import torch
@@ -13,6 +37,10 @@ import torch
 from fedtune.errors import ConfigError
 
 Tensors = dict[str, torch.Tensor]
+MIN_NUMEL = 256  # quantizers and sparsifiers leave smaller floating tensors as they are
+
+GRAMMAR = ("none|fp32|fp16|bf16|int8[@B]|nf4[@B]|fp4[@B] (B: block size), topkF|randkF (0<F<=1, kept fraction), "
+           "or topkF+<one of those> (e.g. topk0.01+int8)")
 
 
 class Codec(Protocol):
@@ -21,6 +49,26 @@ class Codec(Protocol):
     def encode(self, tensors: Tensors) -> tuple[Tensors, dict[str, str]]: ...
 
     def decode(self, tensors: Tensors, meta: dict[str, str]) -> Tensors: ...
+
+
+def compressible(t: torch.Tensor, min_numel: int = MIN_NUMEL) -> bool:
+    """Whether a quantizer/sparsifier should touch ``t`` (floating, at least ``min_numel`` elements)."""
+    return t.is_floating_point() and t.numel() >= min_numel
+
+
+def shape_str(shape: torch.Size) -> str:
+    return "x".join(map(str, shape))
+
+
+def parse_shape(text: str) -> list[int]:
+    return [int(d) for d in text.split("x")] if text else []
+
+
+def derived(tensors: Tensors, name: str, suffix: str) -> str:
+    """``name::suffix``, asserting it does not clash with a tensor already being sent."""
+    out = f"{name}::{suffix}"
+    assert out not in tensors, f"encoded name {out!r} clashes with a tensor of the message"
+    return out
 
 
 class Identity:
@@ -36,7 +84,10 @@ class Identity:
 
 
 class Cast:
-    """Floating tensors cast to a narrower float dtype for the wire, cast back on receipt."""
+    """Floating tensors cast to a narrower float dtype for the wire, cast back on receipt.
+
+    meta: ``{name: original dtype}`` for each tensor it cast.
+    """
 
     def __init__(self, *, dtype: torch.dtype, name: str) -> None:
         self.dtype, self.name = dtype, name
@@ -54,16 +105,75 @@ class Cast:
         return {k: t.to(getattr(torch, meta[k])) if k in meta else t for k, t in tensors.items()}
 
 
-CODECS = {
-    "none": Identity,
-    "fp32": Identity,
-    "fp16": lambda: Cast(dtype=torch.float16, name="fp16"),
-    "bf16": lambda: Cast(dtype=torch.bfloat16, name="bf16"),
-}
+class Compose:
+    """A sparsifier, then a value codec on what it outputs (its kept values and untouched tensors)."""
+
+    def __init__(self, first: Codec, second: Codec) -> None:
+        self.first, self.second = first, second
+        self.name = f"{first.name}+{second.name}"
+
+    def encode(self, tensors: Tensors) -> tuple[Tensors, dict[str, str]]:
+        mid, meta1 = self.first.encode(tensors)
+        out, meta2 = self.second.encode(mid)
+        assert not meta1.keys() & meta2.keys(), f"meta keys clash: {meta1.keys() & meta2.keys()}"
+        return out, {**meta1, **meta2}
+
+    def decode(self, tensors: Tensors, meta: dict[str, str]) -> Tensors:
+        return self.first.decode(self.second.decode(tensors, meta), meta)
 
 
-def make_codec(spec: str, *, key: str = "comm") -> Codec:
-    """A codec from its config name (``none``/``fp32``, ``fp16``, ``bf16``)."""
-    if spec not in CODECS:
-        raise ConfigError(f"{key}={spec}: unknown codec; choose one of {', '.join(CODECS)}")
-    return CODECS[spec]()
+_VALUE = re.compile(r"(none|fp32|fp16|bf16)|(int8|nf4|fp4)(?:@(\d+))?")
+_SPARSE = re.compile(r"(topk|randk)((?:\d+\.?\d*|\.\d+)(?:e-?\d+)?)")
+
+
+def _value_codec(text: str) -> Codec | None:
+    from fedtune.comm.quantize import FourBit, Int8  # quantize.py imports this module
+
+    m = _VALUE.fullmatch(text)
+    if m is None:
+        return None
+    if m[1] in ("none", "fp32"):
+        return Identity()
+    if m[1]:
+        return Cast(dtype=torch.float16 if m[1] == "fp16" else torch.bfloat16, name=m[1])
+    if m[3] is not None and int(m[3]) < 1:
+        return None
+    if m[2] == "int8":
+        return Int8(block_size=int(m[3] or 256))
+    return FourBit(quant_type=m[2], block_size=int(m[3] or 64))
+
+
+def _sparse_codec(text: str, seed: int) -> Codec | None:
+    from fedtune.comm.sparse import RandomK, TopK  # sparse.py imports this module
+
+    m = _SPARSE.fullmatch(text)
+    if m is None or not 0 < Fraction(m[2]) <= 1:
+        return None
+    return TopK(fraction=m[2]) if m[1] == "topk" else RandomK(fraction=m[2], seed=seed)
+
+
+def make_codec(spec: str, *, key: str = "comm", seed: int = 0) -> Codec:
+    """A codec from its spec (see the module docstring for the grammar).
+
+    Args:
+        spec: e.g. ``none``, ``bf16``, ``int8@64``, ``nf4``, ``topk0.01+int8``, ``randk0.1``.
+        key: the config key it came from, named in the error message.
+        seed: mixed into random-k's draws (which also depend on each tensor's name and content).
+
+    Raises:
+        ConfigError: unknown or malformed spec (one line naming ``key`` and listing the grammar).
+    """
+    text = str(spec).strip().lower()
+    first, plus, rest = text.partition("+")
+    codec = _value_codec(first) if not plus else None
+    if codec is None:
+        sparse = _sparse_codec(first, seed)
+        second = _value_codec(rest) if plus else None
+        if sparse is not None and not plus:
+            codec = sparse
+        elif sparse is not None and second is not None:
+            codec = sparse if isinstance(second, Identity) else Compose(sparse, second)
+    if codec is None:
+        raise ConfigError(f"{key}={spec}: unknown codec; use {GRAMMAR}")
+    codec.name = text if not isinstance(codec, Identity) else codec.name
+    return codec

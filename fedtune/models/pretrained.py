@@ -65,14 +65,17 @@ def offline() -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+def hub_reachable() -> bool:
+    """Not offline, and the hub endpoint answers (probed once per process)."""
+    return not offline() and _probe_hub()
+
+
 @functools.cache
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """One HEAD request to the hub endpoint (proxies honoured); cached for the process.
+def _probe_hub(timeout_s: float = 3.0) -> bool:
+    """One HEAD request to the hub endpoint (proxies honoured).
 
     Without it an unreachable hub costs ~25 s of retries inside ``from_pretrained`` per file.
     """
-    if offline():
-        return False
     from huggingface_hub import constants
 
     try:
