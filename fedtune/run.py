@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from omegaconf import DictConfig
 
@@ -15,7 +16,7 @@ from fedtune.config import build, to_container, validate
 from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
-from fedtune.models.lora import count_parameters, get_trainable_state, set_trainable_state
+from fedtune.models.lora import count_parameters, set_trainable_state
 from fedtune.seeding import sample_clients
 from fedtune.sinks import ConsoleSink, JsonlSink, Sinks
 from fedtune.strategies.aggregate import all_finite
@@ -53,8 +54,7 @@ def run(
     trainable_params, total_params = count_parameters(model)
     report = partition_report(splits.train, world.parts, column=cfg.partition.get("column"),
                               label_names=splits.label_names)
-    strategy = build(cfg.strategy)
-    strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients)
+    strategy = world.strategy
     channel = make_channel(cfg)
     store = ClientStore(spill_dir=out_dir / "client_store")
     runtime = client_runtime(cfg, world, store=store, channel=channel)
@@ -120,6 +120,9 @@ def run(
                 metrics["train/loss"] = _mean([r.loss for r in reports], weights)
                 metrics["train/steps"] = sum(r.num_steps for r in reports)
                 metrics["train/tokens"] = sum(r.num_tokens for r in reports)
+                metrics["train/client_flops"] = sum(r.flops for r in reports)
+                metrics["mem/client_peak_bytes"] = max(r.mem_bytes for r in reports)
+                metrics["time/server_compute_s"] = sum(r.server_seconds for r in reports)
 
             t = time.perf_counter()
             last_round = round_idx == cfg.num_rounds - 1
@@ -137,6 +140,7 @@ def run(
                 "time/client_compute_s": sum(r.seconds for r in results.values()),
                 "time/comm_s": comm_s, "time/aggregate_s": aggregate_s, "time/eval_s": eval_s,
                 "time/round_s": time.perf_counter() - round_start,
+                "mem/process_rss_bytes": psutil.Process().memory_info().rss,
             })
             sinks.log(metrics, step=round_idx)
             last = metrics

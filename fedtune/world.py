@@ -22,8 +22,9 @@ from fedtune.data.tasks import TaskData, corpus, prepare
 from fedtune.engine.client import ClientRuntime, LocalConfig
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
-from fedtune.models.lora import apply_lora
+from fedtune.models.lora import apply_lora, get_trainable_state
 from fedtune.seeding import INIT, derive_seed
+from fedtune.strategies.base import Strategy
 
 
 @dataclass
@@ -34,6 +35,7 @@ class World:
     model: torch.nn.Module
     parts: list[list[int]]
     device: torch.device
+    strategy: Strategy
 
     @property
     def shards(self) -> dict[int, list[int]]:
@@ -49,8 +51,13 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def build_world(cfg: DictConfig, *, device: torch.device) -> World:
-    """Data, tokenizer, tokenized task, the resident model (LoRA applied) and the partition."""
-    splits = load_splits(cfg.data)
+    """Data, tokenizer, tokenized task, the resident model (LoRA applied), the partition, the strategy.
+
+    The strategy is built first (it may reserve data, e.g. KD's public set, before partitioning)
+    and set up last, with the model's initial trainable state.
+    """
+    strategy: Strategy = build(cfg.strategy)
+    splits = strategy.prepare_splits(load_splits(cfg.data), seed=int(cfg.data.seed))
     tokenizer = build(cfg.model.tokenizer, texts=corpus(splits))
     task = prepare(splits, tokenizer, classify_with=cfg.data.classify_with, max_seq_len=cfg.local.max_seq_len,
                    max_eval_samples=cfg.eval.max_samples)
@@ -63,7 +70,10 @@ def build_world(cfg: DictConfig, *, device: torch.device) -> World:
         task_type="SEQ_CLS" if task.num_labels else "CAUSAL_LM",
     ).to(device)
     parts = build(cfg.partition)(splits.train, num_clients=cfg.num_clients, seed=cfg.seed)
-    return World(splits=splits, tokenizer=tokenizer, task=task, model=model, parts=parts, device=device)
+    world = World(splits=splits, tokenizer=tokenizer, task=task, model=model, parts=parts, device=device,
+                  strategy=strategy)
+    strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients, world=world)
+    return world
 
 
 def make_channel(cfg: DictConfig) -> Channel:

@@ -24,7 +24,9 @@ from fedtune.errors import ConfigError
 from fedtune.models.lora import State
 
 if TYPE_CHECKING:
+    from fedtune.data.schema import Splits
     from fedtune.engine.client import ClientContext
+    from fedtune.world import World
 
 WEIGHTINGS = ("examples", "uniform")
 
@@ -33,11 +35,19 @@ class Strategy:
     """Base class: keeps the global trainable state; subclasses implement the three hooks."""
 
     global_state: State
+    world: World | None = None
 
-    def setup(self, *, initial_state: State, num_clients: int) -> None:
-        """Called once before round 0 with the model's initial trainable state."""
+    def prepare_splits(self, splits: Splits, *, seed: int) -> Splits:
+        """Before tokenizing and partitioning: a strategy may reserve data (KD's public set)."""
+        return splits
+
+    def setup(self, *, initial_state: State, num_clients: int, world: World | None = None) -> None:
+        """Called once before round 0 (in every process that runs clients) with the model's initial
+        trainable state and the world (model, tokenizer, task) for strategies that compute on the
+        server or need more than the message during a local update."""
         self.global_state = initial_state
         self.num_clients = num_clients
+        self.world = world
 
     def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
         raise NotImplementedError

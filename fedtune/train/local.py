@@ -24,6 +24,9 @@ class TrainResult:
     num_steps: int
     num_tokens: int
     seconds: float
+    flops: float = 0.0  # client FLOPs estimate: 6 x (non-embedding params it ran) x tokens
+    mem_bytes: int = 0  # bytes the client held: parameters + gradients + optimizer state (measured tensors)
+    server_seconds: float = 0.0  # server compute during the update (split learning)
 
 
 def plan_steps(num_examples: int, *, batch_size: int, epochs: float, max_steps: int | None) -> int:
@@ -99,5 +102,25 @@ def train_local(
         num_steps=steps,
         num_tokens=tokens,
         seconds=time.perf_counter() - start,
+        flops=6.0 * compute_params(model) * tokens,
+        mem_bytes=held_bytes(model, optimizer),
     )
     return result, optimizer.state_dict()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def compute_params(model: torch.nn.Module) -> int:
+    """Parameters a token passes through (embedding tables are lookups, not matmuls)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of the parameters, their gradients and the optimizer state the client holds (tensors measured)."""
+    total = sum(_nbytes(p) + (_nbytes(p.grad) if p.grad is not None else 0) for p in model.parameters())
+    if optimizer is not None:
+        total += sum(_nbytes(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+    return total
