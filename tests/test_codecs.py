@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from fedtune.comm import sparse
 from fedtune.comm.channel import Channel, Message, serialize
 from fedtune.comm.codec import MIN_NUMEL, Cast, Compose, Identity, make_codec
 from fedtune.comm.feedback import compress_with_feedback, corrected
@@ -47,7 +46,7 @@ def _data_bytes(entries):
 @pytest.mark.parametrize(("spec", "kind"), [
     ("none", Identity), ("fp32", Identity), ("fp16", Cast), ("BF16", Cast), ("int8", Int8), ("int8@64", Int8),
     ("nf4", FourBit), ("fp4@128", FourBit), ("topk0.01", TopK), ("randk0.1", RandomK), ("topk1", TopK),
-    ("topk0.01+int8", Compose), ("topk0.1+nf4@32", Compose), ("randk0.1+fp16", Compose), ("topk0.1+none", TopK),
+    ("topk0.01+int8", Compose), ("topk0.1+nf4@33", Compose), ("randk0.1+fp16", Compose), ("topk0.1+none", TopK),
 ])
 def test_grammar(spec, kind):
     assert isinstance(make_codec(spec), kind)
@@ -124,19 +123,41 @@ def test_4bit_error_is_at_most_half_the_widest_codebook_gap(quant_type, rel_l2):
     assert encoded["w"].numel() == math.ceil(x.numel() / 2) and meta["w"] == "61x67"
     got = codec.decode(encoded, meta)["w"]
     code = sorted(CODEBOOKS[quant_type])
-    half_gap = max(b - a for a, b in zip(code, code[1:])) / 2  # nf4 0.139, fp4 0.167: nearest-entry rounding
+    half_gap = max(b - a for a, b in zip(code, code[1:])) / 2  # nf4 0.152, fp4 0.167: nearest-entry rounding
     assert ((got - x).abs().reshape(-1) <= _block_absmax(x, 64) * half_gap * (1 + 1e-6)).all()
     # measured on N(0,1): nf4 0.092, fp4 0.122 relative L2 error (block 64)
     assert (got - x).norm() / x.norm() < rel_l2
 
 
+# bitsandbytes 0.50 quantize_4bit(x, blocksize=64) of this x, packed bytes in hex (importing bitsandbytes
+# costs ~6 s, so the live comparison below is marked slow)
+_X4 = ((torch.arange(271) * 37) % 101 - 50).float() / 8  # exact values; odd count: a padding nibble
+_BNB = {
+    "nf4": "04c16e29f3b05d17e29f3c05d18e2af4c16e18e3b05d17e29f3b05d18e2af4c16d18e3b04c17e29f3b05d17e2af4c06d18e2a"
+           "04c16e29f3b05d17e29f3c05d18e2af4c16e18e3b05d17e29f3b05d18e2af4c16d18e3b04c17e29f3b05d17e2af4c06d18e2a"
+           "04c16e29f3b05d17e29f3c05d18e2af4c16e18e3b05d17e29f3b05d18e2af4c06e18e7",
+    "fp4": "bf5a92a63c4be5a02d63c4be2a12d73f5a92a63d4bf5a92d63c4be5a12d73c5be2a63d4bf5a92d63c4be5a12d73c5be2a12d7"
+           "bf5a92a63c4be5a02d63c4be2a12d73f5a92a63d4bf5a92d63c4be5a12d73c5be2a63d4bf5a92d63c4be5a12d73c5be2a12d7"
+           "bf5a92a63c4be5a02d63c4be2a12d73f5a92a63d4bf5a92d63c4be2a12d73c5be2a630",
+}
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_4bit_bytes_match_bitsandbytes(quant_type):
+def test_4bit_bytes_are_bitsandbytes_bytes(quant_type):
+    encoded, meta = FourBit(quant_type=quant_type).encode({"w": _X4})
+    assert encoded["w"].numpy().tobytes().hex() == _BNB[quant_type]
+    assert encoded["w::absmax"].tolist() == [6.25, 6.25, 6.25, 6.25, 6.125]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_matches_live_bitsandbytes(quant_type):
     bnb = pytest.importorskip("bitsandbytes.functional")
     x = torch.randn(64 * 20 + 7, generator=_gen())
     encoded, meta = FourBit(quant_type=quant_type).encode({"w": x})
     packed, state = bnb.quantize_4bit(x, blocksize=64, quant_type=quant_type)
     assert torch.equal(encoded["w"], packed.flatten()) and torch.equal(encoded["w::absmax"], state.absmax)
+    assert torch.equal(bnb.get_4bit_type(quant_type, device="cpu"), torch.tensor(CODEBOOKS[quant_type]))
     ours = FourBit(quant_type=quant_type).decode(encoded, meta)["w"]
     assert torch.equal(ours, bnb.dequantize_4bit(packed, state).flatten())
 
@@ -172,7 +193,7 @@ def test_topk_keeps_exactly_ceil_k_n_largest_and_zeros_the_rest():
 
 def test_topk_ties_go_to_the_lower_index():
     x = torch.tensor([1.0, -2.0, 2.0, 0.5, -2.0, 2.0, 3.0] * 40)  # 280 elements; |2| ties at the cut
-    assert topk_indices(x, 3).tolist() == [1, 2, 6]
+    assert topk_indices(x[:7], 3).tolist() == [1, 2, 6] and topk_indices(x[:7], 4).tolist() == [1, 2, 4, 6]
     codec = TopK(fraction="0.5")
     got = codec.decode(*codec.encode({"w": x}))["w"]
     # 140 kept: the 40 threes and the first 100 of the 160 |2|s by index
@@ -212,12 +233,11 @@ def test_index_encoding_is_the_smallest(idx, n, encoding, num_bytes):
 
 
 @pytest.mark.parametrize("encoding", ["b", "e4", "e8", "e16", "d32"])
-def test_every_index_encoding_round_trips_at_the_escape_edges(encoding, monkeypatch):
+def test_every_index_encoding_round_trips_at_the_escape_edges(encoding):
     gaps = torch.tensor([1, 15, 16, 17, 30, 31, 255, 256, 257, 510, 511, 65535, 65536, 65537, 200000, 1, 1])
     idx = torch.cumsum(gaps, 0) - 1
     n = int(idx[-1]) + 5
-    monkeypatch.setattr(sparse, "min", lambda sizes, key: encoding, raising=False)  # force the choice
-    data, got = encode_indices(idx, n)
+    data, got = encode_indices(idx, n, encoding)
     assert got == encoding and torch.equal(decode_indices(data, encoding, n), idx)
 
 
@@ -237,8 +257,8 @@ def test_int8_bytes_64x64():
     assert entries == {"w": ("I8", [64, 64]), "w::absmax": ("F32", [64])}
     assert meta == {"@int8": "64"}
     assert num_bytes == 8 + header_len + 4096 + 64 * 4  # int8 values + fp32 absmax per block of 64
-    _, fp32_bytes, *_ = _send(make_codec("none"), {"w": x})
-    assert fp32_bytes - 4 * 4096 == pytest.approx(num_bytes - 4352, abs=80)  # one more header entry
+    assert header_len <= 200  # two entries and the meta
+    assert num_bytes / _send(make_codec("none"), {"w": x})[1] < 0.28
 
 
 def test_nf4_bytes_64x64():
@@ -279,7 +299,7 @@ def test_small_tensors_travel_as_they_are():
 
 def test_composition_encodes_the_kept_values():
     x = torch.randn(128, 128, generator=_gen())
-    for spec, bound in [("topk0.1+int8", 1 / 254), ("topk0.1+nf4", 0.1386), ("topk0.1+fp16", 2**-11)]:
+    for spec, bound in [("topk0.1+int8", 1 / 254), ("topk0.1+nf4", 0.1520), ("topk0.1+fp16", 2**-11)]:
         codec = make_codec(spec)
         got = codec.decode(*codec.encode({"w": x}))["w"]
         kept = topk_indices(x, 1639)

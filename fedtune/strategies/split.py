@@ -1,0 +1,147 @@
+"""Split-FedLLM (split learning; framework comparison arXiv 2501.04436), SplitFed style.
+
+The model is cut at decoder layer ``split_layer`` = k: the client holds the embeddings and layers
+[0, k) with their LoRA adapters; the server holds layers [k, n), the norm and the head with theirs.
+
+What crosses the wire, per round, per participating client:
+  down (once): the global client-side adapter.
+  per local step: up the activations at the cut (batch x seq x hidden) + attention mask + labels;
+                  down the gradient of the loss w.r.t. those activations (+ the loss value).
+  up (once): the client's trained client-side adapter + ``num_examples``.
+Server: the client-side adapters are FedAvg-ed each round. The server-side adapters are ONE model
+trained sequentially by every client's batches, in the order the clients run (SplitFed-v2 style: a
+single server model, no server-side averaging), with one AdamW state kept across rounds.
+
+Because the server computes during every local update, this strategy's updates run where the server
+is (``server_in_the_loop``): the parallel engine runs them in the server process.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from fedtune.comm.channel import Message
+from fedtune.data.format import collate
+from fedtune.engine.client import ClientContext
+from fedtune.errors import ConfigError
+from fedtune.models.lora import State, get_trainable_state, set_trainable_state
+from fedtune.models.split import client_forward, num_layers, on_client, server_forward
+from fedtune.seeding import TRAIN, generator
+from fedtune.strategies.aggregate import client_weights, weighted_mean
+from fedtune.strategies.base import Strategy, check_weighting
+from fedtune.train.local import TrainResult, batch_order, plan_steps
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Split(Strategy):
+    server_in_the_loop = True
+
+    def __init__(self, *, split_layer: int = 1, weighting: str = "examples") -> None:
+        self.split_layer = int(split_layer)
+        self.weighting = check_weighting(weighting)
+        self.server_state: State = {}
+        self.server_optimizer: dict[str, Any] | None = None
+
+    def setup(self, *, initial_state: State, num_clients: int, world=None) -> None:
+        n = num_layers(world.model) if world is not None else None
+        if n is not None and not 1 <= self.split_layer <= n - 1:
+            raise ConfigError(f"strategy.split_layer={self.split_layer}: must be between 1 and {n - 1} "
+                              f"(the model has {n} decoder layers)")
+        client = {k: v for k, v in initial_state.items() if on_client(k, self.split_layer)}
+        super().setup(initial_state=client, num_clients=num_clients, world=world)
+        self.server_state = {k: v for k, v in initial_state.items() if not on_client(k, self.split_layer)}
+
+    def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
+        return {cid: Message(tensors=self.global_state) for cid in client_ids}
+
+    def local_update(self, client: ClientContext, message: Message) -> Message:
+        rt, k = client.runtime, self.split_layer
+        model = client.model
+        set_trainable_state(model, {**message.tensors, **self.server_state})
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        client_params = [p for n, p in named if on_client(n, k)]
+        server_params = [p for n, p in named if not on_client(n, k)]
+        client_opt = torch.optim.AdamW(client_params, lr=rt.local.lr, weight_decay=rt.local.weight_decay)
+        server_opt = torch.optim.AdamW(server_params, lr=rt.local.lr, weight_decay=rt.local.weight_decay)
+        if self.server_optimizer is not None:
+            server_opt.load_state_dict(self.server_optimizer)
+        steps = plan_steps(len(client.indices), batch_size=rt.local.batch_size, epochs=rt.local.epochs,
+                           max_steps=rt.local.max_steps)
+        gen = generator(rt.seed, client.round_idx, client.client_id, TRAIN)
+        model.train()
+        client_s = server_s = loss_sum = 0.0
+        tokens = num_steps = 0
+        for idx in batch_order(client.indices, batch_size=rt.local.batch_size, num_steps=steps, generator=gen):
+            batch = {key: v.to(rt.device) for key, v in collate(rt.data, idx, pad_id=rt.pad_id).items()}
+            t = time.perf_counter()
+            acts = client_forward(model, batch["input_ids"], batch["attention_mask"], k)
+            up = client.channel.send(
+                Message(tensors={"activations": acts, "attention_mask": batch["attention_mask"],
+                                 "labels": batch["labels"]}),
+                round_idx=client.round_idx, client_id=client.client_id, direction="up", kind="activations")
+            client_s += time.perf_counter() - t
+
+            t = time.perf_counter()  # ---- server: its half, the loss, its update, the cut gradient
+            received = up.tensors["activations"].to(rt.device).requires_grad_(True)
+            loss = server_forward(model, received, up.tensors["attention_mask"].to(rt.device),
+                                  up.tensors["labels"].to(rt.device), k)
+            server_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if rt.local.grad_clip:
+                torch.nn.utils.clip_grad_norm_(server_params, rt.local.grad_clip)
+            server_opt.step()
+            down = client.channel.send(
+                Message(tensors={"grad": received.grad}, meta={"loss": loss.item()}),
+                round_idx=client.round_idx, client_id=client.client_id, direction="down", kind="gradients")
+            server_s += time.perf_counter() - t
+
+            t = time.perf_counter()
+            client_opt.zero_grad(set_to_none=True)
+            acts.backward(down.tensors["grad"].to(rt.device))
+            if rt.local.grad_clip:
+                torch.nn.utils.clip_grad_norm_(client_params, rt.local.grad_clip)
+            client_opt.step()
+            client_s += time.perf_counter() - t
+            loss_sum += down.meta["loss"]
+            tokens += int(batch["attention_mask"].sum())
+            num_steps += 1
+
+        # The server half's state stays on the server, updated by every client in turn.
+        state = get_trainable_state(model)
+        self.server_state = {key: v for key, v in state.items() if not on_client(key, k)}
+        self.server_optimizer = server_opt.state_dict()
+        client_state = {key: v for key, v in state.items() if on_client(key, k)}
+        on_device = [p for n, p in model.named_parameters() if on_client(n, k) or "embed_tokens" in n]
+        held = sum(_nbytes(p) + (_nbytes(p.grad) if p.grad is not None else 0) for p in on_device)
+        held += sum(_nbytes(v) for st in client_opt.state.values() for v in st.values() if torch.is_tensor(v))
+        client_compute = sum(p.numel() for n, p in model.named_parameters() if on_client(n, k) and "embed" not in n)
+        client.report = TrainResult(
+            loss=loss_sum / max(num_steps, 1), num_examples=len(client.indices), num_steps=num_steps,
+            num_tokens=tokens, seconds=client_s, flops=6.0 * client_compute * tokens, mem_bytes=held,
+            server_seconds=server_s,
+        )
+        return Message(tensors=client_state, meta={"num_examples": len(client.indices)})
+
+    def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
+        replies = list(messages.values())
+        weights = client_weights([m.meta["num_examples"] for m in replies], weighting=self.weighting)
+        self.global_state = weighted_mean([m.tensors for m in replies], weights)
+        return {}
+
+    def eval_states(self, store) -> dict[str, State]:
+        return {"global": {**self.global_state, **self.server_state}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_state": self.global_state, "server_state": self.server_state,
+                "server_optimizer": self.server_optimizer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_state = state["global_state"]
+        self.server_state = state["server_state"]
+        self.server_optimizer = state["server_optimizer"]

@@ -1,0 +1,127 @@
+"""Split learning: the cut is exact, bytes per step match the tensors' shapes, bad settings fail."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save
+
+from fakes import FakeClient
+from fedtune.data.format import collate
+from fedtune.errors import ConfigError
+from fedtune.models.build import tiny_llama
+from fedtune.models.lora import apply_lora, get_trainable_state
+from fedtune.models.split import client_forward, on_client, server_forward
+from fedtune.models.tokenizer import word_level
+from fedtune.strategies.split import Split
+
+from conftest import read_metrics
+
+LORA = OmegaConf.create({"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None,
+                         "modules_to_save": None})
+
+
+def _model(layers=3):
+    torch.manual_seed(0)
+    tok = word_level(texts=["a b c d e f g h"])
+    base = tiny_llama(tokenizer=tok, hidden_size=32, num_layers=layers, num_heads=2, intermediate_size=64)
+    model = apply_lora(base, LORA, default_targets=["q_proj", "v_proj", "down_proj"],
+                       default_modules_to_save=["lm_head"])
+    with torch.no_grad():  # non-zero B so every LoRA matrix gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model, tok
+
+
+def _batch():
+    ids = torch.tensor([[2, 4, 5, 6, 7, 3], [2, 8, 9, 3, 0, 0]])
+    mask = (ids != 0).long()
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    labels[:, :2] = -100
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_split_gradients_equal_whole_model_gradients(k):
+    model, _ = _model()
+    ids, mask, labels = _batch()
+    whole = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    whole.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    acts = client_forward(model, ids, mask, k)
+    received = acts.detach().clone().requires_grad_(True)  # what crosses the wire
+    loss = server_forward(model, received, mask, labels, k)
+    loss.backward()
+    acts.backward(received.grad)
+    assert loss.item() == pytest.approx(whole.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, expected[n], atol=1e-6, rtol=1e-5), n
+    # with k = every layer, the server only runs the norm and head: no server layer has a gradient source
+    if k == 3:
+        assert all(on_client(n, k) for n in expected if "layers." in n)
+
+
+def test_bad_split_layer():
+    model, _ = _model(layers=3)
+
+    class W:  # the part of World that setup reads
+        pass
+
+    w = W()
+    w.model = model
+    for k in (0, 3):
+        with pytest.raises(ConfigError, match=f"strategy.split_layer={k}"):
+            Split(split_layer=k).setup(initial_state=get_trainable_state(model), num_clients=2, world=w)
+
+
+def test_split_bytes_per_step_match_shapes(run_fedtune):
+    from conftest import FAST
+    from fedtune.config import compose_config
+    from fedtune.seeding import TRAIN, generator
+    from fedtune.train.local import batch_order
+    from fedtune.world import build_world
+
+    overrides = ["strategy=split", "strategy.split_layer=2", "num_rounds=1", "local.max_steps=2"]
+    summary, out = run_fedtune(*overrides)
+    row = read_metrics(out)[0]
+    # Independent path: the same batches, their padded widths, the tensors' raw sizes serialized.
+    cfg = compose_config([*FAST, *overrides])
+    world = build_world(cfg, device=torch.device("cpu"))
+    hidden = cfg.model.builder.hidden_size
+    up = down = 0
+    for cid, shard in world.shards.items():
+        for idx in batch_order(shard, batch_size=cfg.local.batch_size, num_steps=2, generator=generator(0, 0, cid, TRAIN)):
+            batch = collate(world.task.train, idx, pad_id=world.tokenizer.pad_token_id)
+            b, t = batch["input_ids"].shape
+            up += len(save({"activations": torch.zeros(b, t, hidden), "attention_mask": torch.zeros(b, t, dtype=torch.long),
+                            "labels": torch.zeros(b, t, dtype=torch.long)}, metadata={"meta": "{}", "codec": "{}"}))
+            down += len(save({"grad": torch.zeros(b, t, hidden)}, metadata={"meta": json.dumps({"loss": 1.0}),
+                                                                              "codec": "{}"}))
+    assert row["comm/up/activations_bytes"] == up
+    # the loss value's JSON text varies in length ("1.0" vs "2.7172..."); the header is 8-byte padded
+    assert 0 <= row["comm/down/gradients_bytes"] - down <= 4 * 24
+    assert row["time/server_compute_s"] > 0 and row["train/client_flops"] > 0
+
+
+def test_client_side_is_averaged_server_side_is_sequential():
+    model, _ = _model(layers=3)
+    init = get_trainable_state(model)
+    s = Split(split_layer=1)
+    s.setup(initial_state=init, num_clients=2, world=None)
+    assert all(on_client(k, 1) for k in s.global_state)
+    assert s.server_state and not any(on_client(k, 1) for k in s.server_state)
+    clients = {0: FakeClient(0, 1.0, 10), 1: FakeClient(1, 3.0, 30)}
+    replies = {}
+    for cid, msg in s.broadcast(0, [0, 1]).items():
+        clients[cid].set_trainable(msg.tensors)
+        clients[cid].train()
+        replies[cid] = type(msg)(tensors=clients[cid].get_trainable(), meta={"num_examples": clients[cid].num_examples})
+    s.aggregate(0, replies)
+    key = next(iter(init))
+    # (10 * (x + 1) + 30 * (x + 3)) / 40 = x + 2.5
+    assert torch.allclose(s.global_state[key], init[key] + 2.5)
