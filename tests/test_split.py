@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import read_metrics
+from fakes import FakeClient
 from omegaconf import OmegaConf
 from safetensors.torch import save
 
-from fakes import FakeClient
 from fedtune.data.format import collate
 from fedtune.errors import ConfigError
 from fedtune.models.build import tiny_llama
@@ -15,8 +16,6 @@ from fedtune.models.lora import apply_lora, get_trainable_state
 from fedtune.models.split import client_forward, on_client, server_forward
 from fedtune.models.tokenizer import word_level
 from fedtune.strategies.split import Split
-
-from conftest import read_metrics
 
 LORA = OmegaConf.create({"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None,
                          "modules_to_save": None})
@@ -81,6 +80,7 @@ def test_bad_split_layer():
 
 def test_split_bytes_per_step_match_shapes(run_fedtune):
     from conftest import FAST
+
     from fedtune.config import compose_config
     from fedtune.seeding import TRAIN, generator
     from fedtune.train.local import batch_order
