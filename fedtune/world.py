@@ -36,6 +36,7 @@ class World:
     parts: list[list[int]]
     device: torch.device
     strategy: Strategy
+    cfg: DictConfig
 
     @property
     def shards(self) -> dict[int, list[int]]:
@@ -71,7 +72,7 @@ def build_world(cfg: DictConfig, *, device: torch.device) -> World:
     ).to(device)
     parts = build(cfg.partition)(splits.train, num_clients=cfg.num_clients, seed=cfg.seed)
     world = World(splits=splits, tokenizer=tokenizer, task=task, model=model, parts=parts, device=device,
-                  strategy=strategy)
+                  strategy=strategy, cfg=cfg)
     strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients, world=world)
     return world
 

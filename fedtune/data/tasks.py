@@ -107,6 +107,15 @@ def _tokenize(kind: str, examples: list[Example], tokenizer: PreTrainedTokenizer
     return out
 
 
+def tokenize_like(task: TaskData, examples: list[Example], tokenizer: PreTrainedTokenizerBase, *,
+                  max_seq_len: int) -> tuple[Tokenized, list[Example]]:
+    """Tokenize more examples of the same dataset the way ``task`` was (e.g. KD's public set)."""
+    if task.kind == "classify_generate":
+        assert task.label_names is not None
+        examples = as_generation(examples, task.label_names)
+    return _tokenize(task.kind, examples, tokenizer, max_seq_len), examples
+
+
 def prepare(
     splits: Splits, tokenizer: PreTrainedTokenizerBase, *, classify_with: str, max_seq_len: int,
     max_eval_samples: int | None = None,

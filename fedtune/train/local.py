@@ -12,7 +12,8 @@ import torch
 
 from fedtune.data.format import Tokenized, collate
 
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# (model, batch, the batch's row indices into the data) -> scalar loss
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], list[int]], torch.Tensor]
 
 
 @dataclass
@@ -50,7 +51,7 @@ def batch_order(
                 return
 
 
-def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def default_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], idx: list[int] | None = None) -> torch.Tensor:
     """Mean next-token loss over unmasked (response) tokens, as computed by the HF model."""
     return model(**batch).loss
 
@@ -86,7 +87,7 @@ def train_local(
     total_loss, tokens, steps = 0.0, 0, 0
     for batch_idx in batch_order(indices, batch_size=batch_size, num_steps=num_steps, generator=generator):
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(data, batch_idx, pad_id=pad_id).items()}
-        loss = loss_fn(model, batch)
+        loss = loss_fn(model, batch, batch_idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
