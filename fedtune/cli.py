@@ -88,9 +88,12 @@ def _task(cfg: DictConfig) -> None:
     multirun = hc.mode.name == "MULTIRUN"
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(hc.runtime.output_dir)
     try:
+        if cfg.resume:
+            cfg, out_dir = resumed_config(cfg, list(hc.overrides.task))
         run(
             cfg,
             out_dir=out_dir,
+            resume=bool(cfg.get("resume")),
             choices={k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")},
             group=Path(hc.sweep.dir).name if multirun else None,
             job_name=(hc.job.override_dirname or None) if multirun else None,
@@ -98,6 +101,21 @@ def _task(cfg: DictConfig) -> None:
     except ConfigError as err:
         sys.stderr.write(f"fedtune: error: {err}\n")
         sys.exit(2)
+
+
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path]:
+    """The config of the run being resumed (its .hydra/config.yaml); ``num_rounds=`` may extend it."""
+    from omegaconf import OmegaConf
+
+    folder = Path(cfg.resume)
+    saved = folder / "config.yaml"
+    if not saved.exists():
+        raise ConfigError(f"resume={folder}: not a fedtune run folder (no config.yaml); pass the run's folder")
+    old = OmegaConf.load(saved)
+    if any(o.startswith("num_rounds=") for o in overrides):
+        old.num_rounds = cfg.num_rounds
+    old.resume = str(folder)
+    return old, folder
 
 
 def main() -> None:

@@ -10,8 +10,9 @@ from typing import Any
 
 import psutil
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from fedtune import checkpoint
 from fedtune.config import build, to_container, validate
 from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
 from fedtune.engine.store import ClientStore
@@ -37,11 +38,19 @@ def run(
     choices: dict[str, str] | None = None,
     group: str | None = None,
     job_name: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run one experiment into ``out_dir``; returns the summary (also written to summary.json)."""
+    """Run one experiment into ``out_dir``; returns the summary (also written to summary.json).
+
+    With ``resume=True``, ``out_dir`` holds an earlier run of this config: it continues after that
+    run's last checkpointed round, appending to its metrics.jsonl and W&B run.
+    """
     validate(cfg)
     out_dir = Path(out_dir)
-    if (out_dir / "metrics.jsonl").exists():
+    ckpt = checkpoint.load(out_dir / "checkpoint") if resume else None
+    if resume and ckpt is None:
+        raise ConfigError(f"resume={out_dir}: no checkpoint there (checkpoint/latest); start a new run instead")
+    if not resume and (out_dir / "metrics.jsonl").exists():
         raise ConfigError(f"output_dir={out_dir}: already holds a run (metrics.jsonl); choose a new folder")
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
@@ -61,11 +70,24 @@ def run(
     engine = build(cfg.engine)
     clients_per_round = cfg.clients_per_round or cfg.num_clients
 
+    total_bytes, rejected_total, start_round = 0, 0, 0
+    last: dict[str, Any] = {}
+    if ckpt is not None:  # exact resume: restore state, drop metrics rows logged after the checkpoint
+        strategy.load_state_dict(ckpt["strategy"])
+        store.load_state_dict(ckpt["store"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        total_bytes, rejected_total, last = ckpt["total_bytes"], ckpt["rejected_total"], ckpt["last"]
+        start_round = ckpt["round_idx"] + 1
+        checkpoint.truncate_metrics(out_dir / "metrics.jsonl", last_round=ckpt["round_idx"])
+        log.info("resuming %s after round %d", out_dir, ckpt["round_idx"])
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "partition.json").write_text(json.dumps(report, indent=1))
     heatmap = save_heatmap(report, out_dir / "plots" / "partition.png") if report["values"] else None
     log.info("partition (%s):\n%s", report["column"] or "sizes", format_report_table(report))
     config = to_container(cfg)
+    if not resume:  # the config as it ran, next to its outputs (what `resume=` reads back)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl"), ConsoleSink(num_rounds=cfg.num_rounds)])
     start_info = {
         "model/trainable_params": trainable_params,
@@ -78,16 +100,16 @@ def run(
     }
     log.info("model: %d trainable / %d params | clients: %s examples | device %s",
              trainable_params, total_params, start_info["partition/sizes"], device)
-    total_bytes, rejected_total = 0, 0
-    last: dict[str, Any] = {}
     try:
         make_logger = build(cfg.logger, _partial_=True)
-        sinks.sinks.append(make_logger(run_dir=str(out_dir), run_config=config, group=group, name=job_name))
+        logger_sink = make_logger(run_dir=str(out_dir), run_config=config, group=group, name=job_name,
+                                  run_id=ckpt["wandb_id"] if ckpt else None)
+        sinks.sinks.append(logger_sink)
         sinks.summary(start_info)
         sinks.log_media(images={"partition/heatmap": heatmap} if heatmap else {},
                         tables={"partition/clients": partition_table(report)})
         engine.start(runtime, cfg)
-        for round_idx in range(cfg.num_rounds):
+        for round_idx in range(start_round, cfg.num_rounds):
             round_start = time.perf_counter()
             client_ids = sample_clients(
                 seed=cfg.seed, round_idx=round_idx, num_clients=cfg.num_clients, clients_per_round=clients_per_round
@@ -144,12 +166,19 @@ def run(
             })
             sinks.log(metrics, step=round_idx)
             last = metrics
+            if cfg.checkpoint.every and ((round_idx + 1) % cfg.checkpoint.every == 0 or round_idx == cfg.num_rounds - 1):
+                checkpoint.save(out_dir / "checkpoint", round_idx, {
+                    "strategy": strategy.state_dict(), "store": store.state_dict(), "rng": checkpoint.rng_state(),
+                    "total_bytes": total_bytes, "rejected_total": rejected_total, "last": last,
+                    "wandb_id": getattr(logger_sink, "run_id", None),
+                }, keep_last=cfg.checkpoint.keep_last)
 
         _save_adapters(model, strategy.eval_states(store), out_dir / "adapter")
+        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
         summary = {
+            "comm/up_bytes_total": sum(r["comm/up_bytes"] for r in rows),
+            "comm/down_bytes_total": sum(r["comm/down_bytes"] for r in rows),
             "final": {k: v for k, v in last.items() if k.startswith(("eval/", "train/"))},
-            "comm/up_bytes_total": sum(t.num_bytes for t in channel.transfers if t.direction == "up"),
-            "comm/down_bytes_total": sum(t.num_bytes for t in channel.transfers if t.direction == "down"),
             "comm/total_bytes": total_bytes,
             "comm/rejected_updates": rejected_total,
             "time/wall_s": time.perf_counter() - wall_start,

@@ -91,6 +91,7 @@ class WandbSink:
         group: str | None = None,
         name: str | None = None,
         tags: list[str] | None = None,
+        run_id: str | None = None,
     ) -> None:
         os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -100,7 +101,9 @@ class WandbSink:
         self.run = wandb.init(
             project=project, entity=entity, mode=mode, group=group, name=name, tags=tags or None,
             dir=str(run_dir), config=run_config, reinit="finish_previous",
+            id=run_id, resume="allow" if run_id else None,
         )
+        self.run_id = self.run.id
         for prefix in ("train", "eval", "comm", "time", "model", "mem"):
             self.run.define_metric(f"{prefix}/*", step_metric="round_idx")
 

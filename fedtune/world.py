@@ -78,7 +78,8 @@ def build_world(cfg: DictConfig, *, device: torch.device) -> World:
 
 
 def make_channel(cfg: DictConfig) -> Channel:
-    return Channel(up=make_codec(cfg.comm.up, key="comm.up"), down=make_codec(cfg.comm.down, key="comm.down"))
+    return Channel(up=make_codec(cfg.comm.up, key="comm.up", seed=cfg.seed),
+                   down=make_codec(cfg.comm.down, key="comm.down", seed=cfg.seed))
 
 
 def client_runtime(cfg: DictConfig, world: World, *, store: ClientStore, channel: Channel) -> ClientRuntime:
@@ -88,4 +89,5 @@ def client_runtime(cfg: DictConfig, world: World, *, store: ClientStore, channel
     return ClientRuntime(
         model=world.model, data=world.task.train, shards=world.shards, local=local, store=store, channel=channel,
         seed=cfg.seed, pad_id=world.tokenizer.pad_token_id, device=world.device,
+        error_feedback=bool(cfg.comm.error_feedback),
     )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedtune.comm.channel import Channel, Message
+from fedtune.comm.feedback import compress_with_feedback, corrected
 from fedtune.data.format import Tokenized
 from fedtune.engine.store import ClientStore
 from fedtune.models.lora import State, get_trainable_state, set_trainable_state
@@ -58,6 +59,7 @@ class ClientRuntime:
     seed: int
     pad_id: int
     device: torch.device
+    error_feedback: bool = False
 
     def run(self, strategy: Strategy, *, round_idx: int, client_id: int, message: Message) -> ClientResult:
         """Run ``strategy.local_update`` for one client; its store entry is saved afterwards."""
@@ -72,6 +74,12 @@ class ClientRuntime:
         )
         start = time.perf_counter()
         reply = strategy.local_update(ctx, message)
+        if self.error_feedback and reply.tensors:
+            # What the uplink codec drops stays with the client and joins its next upload. The channel
+            # encodes deterministically, so the server receives exactly what the residual assumes.
+            residual = ctx.state.get("ef_residual")
+            _, _, ctx.state["ef_residual"] = compress_with_feedback(self.channel.codecs["up"], reply.tensors, residual)
+            reply = Message(tensors=corrected(reply.tensors, residual), meta=reply.meta, pool=reply.pool)
         seconds = time.perf_counter() - start
         self.store.put(client_id, ctx.state)
         return ClientResult(message=reply, report=ctx.report, seconds=seconds)

@@ -1,0 +1,75 @@
+"""Checkpoints after every round, written atomically, for exact resume.
+
+A checkpoint holds everything a run needs to continue as if it had never stopped: the strategy's
+state (global adapter, server optimizer moments, KD teacher, split server half, block schedule ...),
+the client store (persistent adapters, optimizer states, error-feedback residuals), the RNG states,
+the counters, the W&B run id and the last round's metrics. Every random draw in fedtune is derived
+from (seed, round, client), so restoring these and starting at the next round is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(folder: Path, round_idx: int, state: dict[str, Any], *, keep_last: int) -> Path:
+    """Write ``round_XXXXX.pt`` (temp file, fsync, rename), point ``latest`` at it, prune old ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"round_{round_idx:05d}.pt"
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        torch.save({"round_idx": round_idx, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    pointer = folder / f"{LATEST}.tmp"
+    pointer.write_text(json.dumps({"file": path.name, "round_idx": round_idx}))
+    os.replace(pointer, folder / LATEST)
+    for old in sorted(folder.glob("round_*.pt"))[:-keep_last] if keep_last > 0 else []:
+        old.unlink()
+    return path
+
+
+def load(folder: Path) -> dict[str, Any] | None:
+    """The latest complete checkpoint in ``folder``, or None."""
+    pointer = folder / LATEST
+    if not pointer.exists():
+        return None
+    name = json.loads(pointer.read_text())["file"]
+    return torch.load(folder / name, weights_only=False)
+
+
+def truncate_metrics(path: Path, *, last_round: int) -> int:
+    """Keep the metrics rows of rounds <= last_round (a killed run may have logged one more); returns rows kept."""
+    if not path.exists():
+        return 0
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["round_idx"] <= last_round]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(kept)
