@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedtune import checkpoint
 from fedtune.config import build, to_container, validate
 from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
+from fedtune.engine.clock import REFERENCE, client_profiles, client_time
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
 from fedtune.models.lora import count_parameters, set_trainable_state
@@ -67,6 +68,8 @@ def run(
     channel = make_channel(cfg)
     store = ClientStore(spill_dir=out_dir / "client_store")
     runtime = client_runtime(cfg, world, store=store, channel=channel)
+    schedule = strategy.schedule
+    profiles = dict(enumerate(client_profiles(cfg.clients, cfg.network, num_clients=cfg.num_clients, seed=cfg.seed)))
     engine = build(cfg.engine)
     clients_per_round = cfg.clients_per_round or cfg.num_clients
 
@@ -74,6 +77,7 @@ def run(
     last: dict[str, Any] = {}
     if ckpt is not None:  # exact resume: restore state, drop metrics rows logged after the checkpoint
         strategy.load_state_dict(ckpt["strategy"])
+        schedule.load_state_dict(ckpt["schedule"])
         store.load_state_dict(ckpt["store"])
         checkpoint.set_rng_state(ckpt["rng"])
         total_bytes, rejected_total, last = ckpt["total_bytes"], ckpt["rejected_total"], ckpt["last"]
@@ -111,9 +115,11 @@ def run(
         engine.start(runtime, cfg)
         for round_idx in range(start_round, cfg.num_rounds):
             round_start = time.perf_counter()
-            client_ids = sample_clients(
+            sampled = sample_clients(
                 seed=cfg.seed, round_idx=round_idx, num_clients=cfg.num_clients, clients_per_round=clients_per_round
             )
+            client_ids = schedule.dispatch(seed=cfg.seed, round_idx=round_idx, num_clients=cfg.num_clients,
+                                           clients_per_round=clients_per_round, sampled=sampled)
             outgoing = strategy.broadcast(round_idx, client_ids)
             received = {cid: channel.send(msg, round_idx=round_idx, client_id=cid, direction="down")
                         for cid, msg in outgoing.items()}
@@ -132,8 +138,17 @@ def run(
                     log.warning("round %d: client %d sent a non-finite update; rejected", round_idx, cid)
             comm_s += time.perf_counter() - t
 
+            # The simulated clock: when each reply would arrive; the schedule picks what is aggregated now.
+            sent = channel.bytes_by_client(round_idx)
+            schedule.push(replies, {cid: client_time(
+                profiles.get(cid, REFERENCE), flops=results[cid].report.flops if results[cid].report else 0.0,
+                flops_per_s=float(cfg.clients.flops_per_s), up_bytes=sent.get((cid, "up"), 0),
+                down_bytes=sent.get((cid, "down"), 0)) for cid in replies})
+            ready, sched_stats = schedule.collect()
+
             t = time.perf_counter()
-            metrics: dict[str, Any] = strategy.aggregate(round_idx, replies) if replies else {}
+            metrics: dict[str, Any] = strategy.aggregate(round_idx, ready) if ready else {}
+            metrics.update(sched_stats)
             aggregate_s = time.perf_counter() - t
 
             reports = [r.report for r in results.values() if r.report is not None]
@@ -168,7 +183,8 @@ def run(
             last = metrics
             if cfg.checkpoint.every and ((round_idx + 1) % cfg.checkpoint.every == 0 or round_idx == cfg.num_rounds - 1):
                 checkpoint.save(out_dir / "checkpoint", round_idx, {
-                    "strategy": strategy.state_dict(), "store": store.state_dict(), "rng": checkpoint.rng_state(),
+                    "strategy": strategy.state_dict(), "schedule": schedule.state_dict(),
+                    "store": store.state_dict(), "rng": checkpoint.rng_state(),
                     "total_bytes": total_bytes, "rejected_total": rejected_total, "last": last,
                     "wandb_id": getattr(logger_sink, "run_id", None),
                 }, keep_last=cfg.checkpoint.keep_last)

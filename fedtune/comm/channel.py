@@ -96,5 +96,13 @@ class Channel:
         out.setdefault("down", 0)
         return dict(out)
 
+    def bytes_by_client(self, round_idx: int) -> dict[tuple[int, str], int]:
+        """This round's bytes per (client_id, direction)."""
+        out: dict[tuple[int, str], int] = defaultdict(int)
+        for t in self.transfers:
+            if t.round_idx == round_idx:
+                out[(t.client_id, t.direction)] += t.num_bytes
+        return dict(out)
+
     def total_bytes(self) -> int:
         return sum(t.num_bytes for t in self.transfers)

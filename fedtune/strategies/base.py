@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fedtune.comm.channel import Message
+from fedtune.engine.schedule import Schedule
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
 from fedtune.models.lora import State
@@ -48,6 +49,8 @@ class Strategy:
         self.global_state = initial_state
         self.num_clients = num_clients
         self.world = world
+        if not hasattr(self, "schedule"):  # strategies without a `mode` setting aggregate synchronously
+            self.schedule = Schedule()
 
     def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
         raise NotImplementedError

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from fedtune.comm.channel import Message
 from fedtune.engine.client import ClientContext
+from fedtune.engine.schedule import Schedule
 from fedtune.strategies.aggregate import client_weights, weighted_mean
 from fedtune.strategies.base import Strategy, check_weighting
 
 
 class FedAvg(Strategy):
-    def __init__(self, *, weighting: str = "examples") -> None:
+    def __init__(self, *, weighting: str = "examples", mode: str = "sync", **schedule) -> None:
         self.weighting = check_weighting(weighting)
+        self.schedule = Schedule(mode=mode, **schedule)
 
     def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
         return {cid: Message(tensors=self.global_state) for cid in client_ids}
@@ -29,5 +31,6 @@ class FedAvg(Strategy):
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         replies = list(messages.values())
         weights = client_weights([m.meta["num_examples"] for m in replies], weighting=self.weighting)
+        weights = [w * f for w, f in zip(weights, self.schedule.weights(replies))]  # staleness (async)
         self.global_state = weighted_mean([m.tensors for m in replies], weights)
         return {}

@@ -76,7 +76,7 @@ class FedCyBGD(Strategy):
                               f"decoder layers; choose 1..{self.layout.num_layers}")
         self.layout = block_layout(list(initial_state), layers_path=path, num_blocks=self.num_blocks)
 
-    def schedule(self, round_idx: int) -> tuple[int, int]:
+    def assignment(self, round_idx: int) -> tuple[int, int]:
         """(client_id, block) of round ``round_idx``."""
         return round_idx % self.num_clients, round_idx % self.num_blocks
 
@@ -98,7 +98,7 @@ class FedCyBGD(Strategy):
             self._warned = True
             log.warning("strategy=fedcybgd schedules one client per round itself (round r: client r mod "
                         "num_clients); clients_per_round is ignored")
-        client_id, block = self.schedule(round_idx)
+        client_id, block = self.assignment(round_idx)
         return {client_id: Message(tensors=self.download(block), meta={"block": block})}
 
     def local_update(self, client: ClientContext, message: Message) -> Message:
@@ -124,7 +124,7 @@ class FedCyBGD(Strategy):
         return Message(tensors=delta, meta={"num_examples": result.num_examples})
 
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
-        client_id, block = self.schedule(round_idx)
+        client_id, block = self.assignment(round_idx)
         assert list(messages) == [client_id], (list(messages), client_id)
         delta = messages[client_id].tensors
         own = self.layout.keys[block]

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 from fedtune.comm.channel import Message
 from fedtune.engine.client import ClientContext
+from fedtune.engine.schedule import Schedule
 from fedtune.errors import ConfigError
 from fedtune.strategies.aggregate import add_scaled, client_weights, subtract, weighted_mean
 from fedtune.strategies.base import Strategy, check_weighting
 
 
 class GradualDiff(Strategy):
-    def __init__(self, *, server_lr: float = 1.0, weighting: str = "uniform") -> None:
+    def __init__(self, *, server_lr: float = 1.0, weighting: str = "uniform", mode: str = "sync", **schedule) -> None:
         if server_lr <= 0:
             raise ConfigError(f"strategy.server_lr={server_lr}: must be > 0 (the paper uses 1.0)")
         self.server_lr = float(server_lr)
         self.weighting = check_weighting(weighting)
+        self.schedule = Schedule(mode=mode, **schedule)
 
     def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
         return {cid: Message(tensors=self.global_state) for cid in client_ids}
@@ -36,6 +38,7 @@ class GradualDiff(Strategy):
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         replies = list(messages.values())
         weights = client_weights([m.meta["num_examples"] for m in replies], weighting=self.weighting)
+        weights = [w * f for w, f in zip(weights, self.schedule.weights(replies))]  # staleness (async)
         mean_delta = weighted_mean([m.tensors for m in replies], weights)
         self.global_state = add_scaled(self.global_state, mean_delta, self.server_lr)
         return {}

@@ -1,0 +1,134 @@
+"""When the server aggregates: synchronous, semi-synchronous and asynchronous (buffered) rounds.
+
+The round loop dispatches clients, runs their updates and hands the replies here with their
+simulated arrival times; the schedule says which replies the server aggregates now.
+
+- ``sync``: every dispatched client; the round lasts until the slowest arrives.
+- ``semi_sync``: the first ``min_clients`` arrivals, or those before ``deadline_s``; the late ones
+  are dropped (``late=drop``) or carried into the next round's aggregation (``late=carry``, with
+  staleness 1).
+- ``async`` (FedBuff-style): ``clients_per_round`` clients are always in flight; each server step
+  aggregates the ``buffer_size`` earliest arrivals and idle clients are dispatched again with the
+  current global state. Each update is weighted by ``(1 + staleness) ** -staleness_exponent``, where
+  staleness = server steps since the client downloaded the state it trained from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedtune.comm.channel import Message
+from fedtune.errors import ConfigError
+from fedtune.seeding import SAMPLE, derive_seed
+
+MODES = ("sync", "semi_sync", "async")
+
+
+def staleness_weight(staleness: int, exponent: float) -> float:
+    """(1 + s)^-a: 1 for a fresh update, decaying with the server steps it missed."""
+    return (1.0 + staleness) ** -exponent
+
+
+@dataclass(order=True)
+class Pending:
+    arrival: float
+    client_id: int
+    version: int = field(compare=False)
+    message: Message = field(compare=False)
+
+
+@dataclass
+class Schedule:
+    """The aggregation schedule (config: ``strategy.mode`` and its knobs)."""
+
+    mode: str = "sync"
+    min_clients: int | None = None
+    deadline_s: float | None = None
+    late: str = "drop"
+    buffer_size: int = 2
+    staleness_exponent: float = 0.5
+    now: float = 0.0
+    version: int = 0
+    pending: list[Pending] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"strategy.mode={self.mode}: choose one of {', '.join(MODES)}")
+        if self.late not in ("drop", "carry"):
+            raise ConfigError(f"strategy.late={self.late}: choose drop or carry")
+        if self.mode == "semi_sync" and self.min_clients is None and self.deadline_s is None:
+            raise ConfigError("strategy.mode=semi_sync: set strategy.min_clients or strategy.deadline_s")
+        if self.buffer_size < 1:
+            raise ConfigError(f"strategy.buffer_size={self.buffer_size}: must be >= 1")
+
+    def dispatch(self, *, seed: int, round_idx: int, num_clients: int, clients_per_round: int,
+                 sampled: list[int]) -> list[int]:
+        """Clients to start this round: the sampled cohort, or (async) idle clients to refill the pool."""
+        if self.mode != "async":
+            return sampled
+        busy = {p.client_id for p in self.pending}
+        idle = [c for c in range(num_clients) if c not in busy]
+        want = clients_per_round - len(busy)
+        if want <= 0:
+            return []
+        rng = np.random.default_rng(derive_seed(seed, round_idx, SAMPLE))
+        return sorted(int(c) for c in rng.choice(idle, size=min(want, len(idle)), replace=False))
+
+    def push(self, replies: dict[int, Message], durations: dict[int, float]) -> None:
+        for cid, msg in replies.items():
+            self.pending.append(Pending(self.now + durations[cid], cid, self.version, msg))
+
+    def collect(self) -> tuple[dict[int, Message], dict[str, Any]]:
+        """The replies to aggregate now (``meta["staleness"]`` set), advancing the clock and version."""
+        self.pending.sort()
+        if self.mode == "sync":
+            take, late = self.pending, []
+        elif self.mode == "async":
+            take, late = self.pending[: self.buffer_size], self.pending[self.buffer_size:]
+        else:
+            fresh = [p for p in self.pending if p.version == self.version]
+            carried = [p for p in self.pending if p.version != self.version]
+            cut = len(fresh)
+            if self.min_clients is not None:
+                cut = min(cut, self.min_clients)
+            if self.deadline_s is not None:
+                cut = min(cut, sum(p.arrival <= self.now + self.deadline_s for p in fresh))
+            take, late = carried + fresh[:cut], fresh[cut:]
+        start = self.now
+        if take:
+            self.now = max(self.now, max(p.arrival for p in take if p.version == self.version or True))
+        if self.mode == "semi_sync" and self.deadline_s is not None and late:
+            self.now = max(self.now, start + self.deadline_s)
+        dropped = 0
+        if self.mode == "semi_sync":
+            dropped = len(late) if self.late == "drop" else 0
+            self.pending = [] if self.late == "drop" else [
+                Pending(self.now, p.client_id, p.version, p.message) for p in late]
+        else:
+            self.pending = late
+        out = {}
+        staleness = []
+        for p in take:
+            s = self.version - p.version
+            staleness.append(s)
+            out[p.client_id] = Message(tensors=p.message.tensors, meta={**p.message.meta, "staleness": s},
+                                       pool=p.message.pool)
+        self.version += 1
+        stats = {"time/sim_round_s": self.now - start, "time/sim_clock_s": self.now,
+                 "clients/aggregated": len(out), "clients/dropped_late": dropped}
+        if self.mode != "sync":
+            stats["comm/staleness_mean"] = float(np.mean(staleness)) if staleness else 0.0
+        return out, stats
+
+    def weights(self, messages: list[Message]) -> list[float]:
+        """Per-message staleness factors (all 1 in sync mode)."""
+        return [staleness_weight(int(m.meta.get("staleness", 0)), self.staleness_exponent) for m in messages]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"now": self.now, "version": self.version, "pending": self.pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.now, self.version, self.pending = state["now"], state["version"], state["pending"]

@@ -1,0 +1,100 @@
+"""Schedules and the simulated clock: hand-computed arrivals, staleness weights, determinism."""
+
+import pytest
+import torch
+from conftest import read_metrics
+from omegaconf import OmegaConf
+
+from fedtune.comm.channel import Message
+from fedtune.engine.clock import ClientProfile, client_profiles, client_time
+from fedtune.engine.schedule import Schedule, staleness_weight
+from fedtune.errors import ConfigError
+
+
+def _msgs(*cids):
+    return {c: Message(tensors={"w": torch.tensor([float(c)])}, meta={"num_examples": 1}) for c in cids}
+
+
+def test_staleness_weight_by_hand():
+    assert staleness_weight(0, 0.5) == 1.0
+    assert staleness_weight(3, 0.5) == pytest.approx(0.5)  # (1 + 3)^-0.5
+    assert staleness_weight(1, 1.0) == pytest.approx(0.5)
+
+
+def test_client_time_by_hand():
+    p = ClientProfile(speed=2.0, up_bps=1000.0, down_bps=4000.0, latency_s=0.1)
+    # 1e9 flops at 1e9 flops/s x2 = 2 s; 500 B up = 0.5 s; 2000 B down = 0.5 s; 2 x 0.1 latency
+    assert client_time(p, flops=1e9, flops_per_s=1e9, up_bytes=500, down_bytes=2000) == pytest.approx(3.2)
+    assert client_time(ClientProfile(1.0, None, None, 0.0), flops=5e9, flops_per_s=1e9, up_bytes=10**9,
+                       down_bytes=10**9) == pytest.approx(5.0)
+
+
+def test_profiles_are_deterministic():
+    clients = OmegaConf.create({"speed": {"dist": "lognormal", "value": 1.0, "sigma": 0.5}})
+    net = OmegaConf.create({"up_mbps": 8, "down_mbps": 16, "latency_ms": 10, "spread": 0.3})
+    a = client_profiles(clients, net, num_clients=5, seed=1)
+    assert a == client_profiles(clients, net, num_clients=5, seed=1)
+    assert a != client_profiles(clients, net, num_clients=5, seed=2)
+
+
+def test_sync_waits_for_the_slowest():
+    s = Schedule()
+    s.push(_msgs(0, 1, 2), {0: 1.0, 1: 5.0, 2: 2.0})
+    ready, stats = s.collect()
+    assert sorted(ready) == [0, 1, 2] and stats["time/sim_round_s"] == 5.0 and s.version == 1
+
+
+def test_semi_sync_first_m_drop_or_carry():
+    s = Schedule(mode="semi_sync", min_clients=2, late="drop")
+    s.push(_msgs(0, 1, 2), {0: 3.0, 1: 1.0, 2: 2.0})
+    ready, stats = s.collect()
+    assert sorted(ready) == [1, 2] and stats["time/sim_round_s"] == 2.0 and stats["clients/dropped_late"] == 1
+    s = Schedule(mode="semi_sync", min_clients=2, late="carry")
+    s.push(_msgs(0, 1, 2), {0: 3.0, 1: 1.0, 2: 2.0})
+    s.collect()
+    s.push(_msgs(3, 4), {3: 1.0, 4: 1.5})
+    ready, stats = s.collect()
+    assert sorted(ready) == [0, 3, 4]  # client 0 carried over, one round stale
+    assert ready[0].meta["staleness"] == 1 and ready[3].meta["staleness"] == 0
+    assert stats["comm/staleness_mean"] == pytest.approx(1 / 3)
+
+
+def test_semi_sync_deadline():
+    s = Schedule(mode="semi_sync", deadline_s=2.5)
+    s.push(_msgs(0, 1, 2), {0: 3.0, 1: 1.0, 2: 2.0})
+    ready, stats = s.collect()
+    assert sorted(ready) == [1, 2] and stats["time/sim_round_s"] == 2.5
+
+
+def test_async_buffer_and_staleness():
+    s = Schedule(mode="async", buffer_size=1)
+    assert len(s.dispatch(seed=0, round_idx=0, num_clients=4, clients_per_round=2, sampled=[])) == 2
+    s.push(_msgs(0, 1), {0: 1.0, 1: 3.0})
+    ready, _ = s.collect()  # t=1: client 0 arrives, version 0 -> 1
+    assert list(ready) == [0] and ready[0].meta["staleness"] == 0
+    busy = s.dispatch(seed=0, round_idx=1, num_clients=4, clients_per_round=2, sampled=[])
+    assert len(busy) == 1 and 1 not in busy  # client 1 is still in flight
+    s.push(_msgs(*busy), {busy[0]: 5.0})  # starts at t=1 with version 1, arrives t=6
+    ready, stats = s.collect()  # t=3: client 1 arrives, trained on version 0 -> staleness 1
+    assert list(ready) == [1] and ready[1].meta["staleness"] == 1 and stats["time/sim_clock_s"] == 3.0
+    assert s.weights([ready[1]]) == [pytest.approx(2 ** -0.5)]
+
+
+def test_bad_schedule_settings():
+    with pytest.raises(ConfigError, match="strategy.mode"):
+        Schedule(mode="eventually")
+    with pytest.raises(ConfigError, match="semi_sync"):
+        Schedule(mode="semi_sync")
+
+
+@pytest.mark.parametrize("mode", ["semi_sync", "async"])
+def test_modes_end_to_end(run_fedtune, mode):
+    extra = ["strategy.min_clients=1"] if mode == "semi_sync" else ["strategy.buffer_size=1", "num_rounds=3"]
+    _, out = run_fedtune("strategy=gradualdiff", f"strategy.mode={mode}", "clients.speed.dist=choice",
+                         "network=wan", *extra)
+    rows = read_metrics(out)
+    assert all(r["clients/aggregated"] == 1 for r in rows)
+    assert all(r["time/sim_round_s"] > 0 for r in rows) and "comm/staleness_mean" in rows[-1]
+    again = read_metrics(run_fedtune("strategy=gradualdiff", f"strategy.mode={mode}", "clients.speed.dist=choice",
+                                     "network=wan", *extra)[1])
+    assert [r["time/sim_clock_s"] for r in rows] == [r["time/sim_clock_s"] for r in again]  # deterministic clock
