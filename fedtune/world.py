@@ -7,10 +7,11 @@ resident for the whole run.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.comm.channel import Channel
@@ -25,6 +26,8 @@ from fedtune.errors import ConfigError
 from fedtune.models.lora import apply_lora, get_trainable_state
 from fedtune.seeding import INIT, derive_seed
 from fedtune.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,8 +68,13 @@ def build_world(cfg: DictConfig, *, device: torch.device) -> World:
     quant = to_container(cfg.quant) if cfg.quant.load_in else None
     torch.manual_seed(derive_seed(cfg.seed, 0, 0, INIT))  # model init and LoRA init
     model = build(cfg.model.builder, tokenizer=tokenizer, quant=quant, num_labels=task.num_labels)
+    lora_cfg = cfg.lora
+    if strategy.full_parameters and lora_cfg.enabled:
+        log.warning("strategy %s trains full parameters: lora.* is ignored (lora.enabled=false)",
+                    type(strategy).__name__)
+        lora_cfg = OmegaConf.merge(lora_cfg, {"enabled": False})
     model = apply_lora(
-        model, cfg.lora, default_targets=cfg.model.lora_target_modules,
+        model, lora_cfg, default_targets=cfg.model.lora_target_modules,
         default_modules_to_save=cfg.model.get("lora_modules_to_save"), fan_in_fan_out=cfg.model.fan_in_fan_out,
         task_type="SEQ_CLS" if task.num_labels else "CAUSAL_LM",
     ).to(device)

@@ -71,7 +71,6 @@ def test_lora_model_is_refused():
 @pytest.mark.parametrize(("args", "needle"), [
     (["lora.enabled=false", "strategy.prune_ratio=1.0"], "strategy.prune_ratio=1.0"),
     (["lora.enabled=false", "strategy.num_blocks=5"], "strategy.num_blocks=5"),
-    ([], "lora.enabled=false"),
 ])
 def test_cli_exit_2_one_line(monkeypatch, tmp_path, capsys, args, needle):
     monkeypatch.chdir(tmp_path)

@@ -37,6 +37,7 @@ class Strategy:
 
     global_state: State
     world: World | None = None
+    full_parameters = False  # True: trains full parameters, the model is built without LoRA
 
     def prepare_splits(self, splits: Splits, *, seed: int) -> Splits:
         """Before tokenizing and partitioning: a strategy may reserve data (KD's public set)."""

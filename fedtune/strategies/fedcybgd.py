@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 
 class FedCyBGD(Strategy):
+    full_parameters = True  # the runner builds the model without LoRA for this strategy
+
     def __init__(self, *, num_blocks: int = 2, prune_ratio: float = 0.1) -> None:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ConfigError(f"strategy.num_blocks={num_blocks}: must be an integer >= 1 "
