@@ -23,6 +23,7 @@ from fedtune.engine.schedule import Schedule
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
 from fedtune.models.lora import State
+from fedtune.strategies.aggregate import client_weights
 
 if TYPE_CHECKING:
     from fedtune.data.schema import Splits
@@ -61,6 +62,11 @@ class Strategy:
 
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         raise NotImplementedError
+
+    def aggregation_weights(self, replies: list[Message]) -> list[float]:
+        """Per-reply weights: ``self.weighting`` (examples or uniform) x staleness (async schedules)."""
+        base = client_weights([m.meta["num_examples"] for m in replies], weighting=self.weighting)
+        return [w * f for w, f in zip(base, self.schedule.weights(replies))]
 
     def eval_states(self, store: ClientStore) -> dict[str, State]:
         """Named trainable states to evaluate; one called ``global`` for federated strategies."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from fedtune.comm.channel import Message
 from fedtune.engine.client import ClientContext
 from fedtune.engine.schedule import Schedule
-from fedtune.strategies.aggregate import client_weights, weighted_mean
+from fedtune.strategies.aggregate import weighted_mean
 from fedtune.strategies.base import Strategy, check_weighting
 
 
@@ -30,7 +30,6 @@ class FedAvg(Strategy):
 
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         replies = list(messages.values())
-        weights = client_weights([m.meta["num_examples"] for m in replies], weighting=self.weighting)
-        weights = [w * f for w, f in zip(weights, self.schedule.weights(replies))]  # staleness (async)
+        weights = self.aggregation_weights(replies)
         self.global_state = weighted_mean([m.tensors for m in replies], weights)
         return {}

@@ -30,7 +30,7 @@ from fedtune.errors import ConfigError
 from fedtune.models.lora import State, get_trainable_state, set_trainable_state
 from fedtune.models.split import client_forward, num_layers, on_client, server_forward
 from fedtune.seeding import TRAIN, generator
-from fedtune.strategies.aggregate import client_weights, weighted_mean
+from fedtune.strategies.aggregate import weighted_mean
 from fedtune.strategies.base import Strategy, check_weighting
 from fedtune.train.local import TrainResult, batch_order, plan_steps
 
@@ -130,7 +130,7 @@ class Split(Strategy):
 
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         replies = list(messages.values())
-        weights = client_weights([m.meta["num_examples"] for m in replies], weighting=self.weighting)
+        weights = self.aggregation_weights(replies)
         self.global_state = weighted_mean([m.tensors for m in replies], weights)
         return {}
 
