@@ -51,7 +51,11 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "eval.bleu_samples", strict=False)
     _positive(cfg, "eval.max_new_tokens")
     _positive(cfg, "eval.max_samples", allow_none=True)
-    for key in ("local.batch_size", "local.max_seq_len", "eval.every", "eval.bleu_samples"):
+    _positive(cfg, "checkpoint.every", strict=False)
+    _positive(cfg, "checkpoint.keep_last")
+    _positive(cfg, "clients.flops_per_s")
+    for key in ("local.batch_size", "local.max_seq_len", "eval.every", "eval.bleu_samples", "checkpoint.every",
+                "checkpoint.keep_last"):
         value = OmegaConf.select(cfg, key)
         _require(isinstance(value, int), f"{key}={value}: must be an integer")
     if cfg.quant.load_in is not None:
