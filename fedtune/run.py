@@ -19,6 +19,7 @@ from fedtune.engine.clock import REFERENCE, client_profiles, client_time
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
 from fedtune.models.lora import count_parameters, set_trainable_state
+from fedtune.models.quant import base_bytes
 from fedtune.seeding import sample_clients
 from fedtune.sinks import ConsoleSink, JsonlSink, Sinks
 from fedtune.strategies.aggregate import all_finite
@@ -96,6 +97,7 @@ def run(
     start_info = {
         "model/trainable_params": trainable_params,
         "model/total_params": total_params,
+        "model/base_bytes": base_bytes(model),
         "data/train_examples": len(splits.train),
         "data/eval_examples": len(task.eval),
         "data/truncated_train": task.train.num_truncated,
