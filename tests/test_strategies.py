@@ -88,3 +88,20 @@ def test_bad_strategy_settings():
         FedAvg(weighting="median")
     with pytest.raises(ConfigError, match="strategy.server_lr"):
         GradualDiff(server_lr=0)
+
+
+def test_stale_deltas_count_less_in_absolute_terms():
+    from fedtune.comm.channel import Message
+
+    s = GradualDiff(server_lr=1.0, weighting="uniform", mode="async", buffer_size=2, staleness_exponent=0.5)
+    s.setup(initial_state={"w": torch.tensor([0.0])}, num_clients=2)
+    replies = {0: Message(tensors={"w": torch.tensor([2.0])}, meta={"num_examples": 1, "staleness": 0}),
+               1: Message(tensors={"w": torch.tensor([4.0])}, meta={"num_examples": 1, "staleness": 3})}
+    s.aggregate(0, replies)
+    # 0.5 * 2 + 0.5 * (1 + 3)^-0.5 * 4 = 1 + 1 = 2
+    assert torch.allclose(s.global_state["w"], torch.tensor([2.0]))
+    f = FedAvg(weighting="uniform", mode="async", buffer_size=2, staleness_exponent=1.0)
+    f.setup(initial_state={"w": torch.tensor([10.0])}, num_clients=2)
+    f.aggregate(0, {0: Message(tensors={"w": torch.tensor([0.0])}, meta={"num_examples": 1, "staleness": 1})})
+    # a = 1 * (1 + 1)^-1 = 0.5 -> 0.5 * 0 + 0.5 * 10
+    assert torch.allclose(f.global_state["w"], torch.tensor([5.0]))

@@ -15,15 +15,19 @@ State = dict[str, torch.Tensor]
 
 def weighted_mean(states: Sequence[State], weights: Sequence[float]) -> State:
     """sum_i w_i * state_i / sum_i w_i, key by key (all states must share keys and shapes)."""
-    assert states and len(states) == len(weights), (len(states), len(weights))
     total = float(sum(weights))
     assert total > 0, weights
-    keys = states[0].keys()
+    return weighted_sum(states, [w / total for w in weights])
+
+
+def weighted_sum(states: Sequence[State], coeffs: Sequence[float]) -> State:
+    """sum_i c_i * state_i, key by key (no normalisation; accumulated in float64)."""
+    assert states and len(states) == len(coeffs), (len(states), len(coeffs))
     out: State = {}
-    for key in keys:
+    for key in states[0]:
         acc = torch.zeros_like(states[0][key], dtype=torch.float64)
-        for state, w in zip(states, weights):
-            acc += state[key].to(torch.float64) * (w / total)
+        for state, c in zip(states, coeffs):
+            acc += state[key].to(torch.float64) * c
         out[key] = acc.to(states[0][key].dtype)
     return out
 

@@ -64,9 +64,12 @@ class Strategy:
         raise NotImplementedError
 
     def aggregation_weights(self, replies: list[Message]) -> list[float]:
-        """Per-reply weights: ``self.weighting`` (examples or uniform) x staleness (async schedules)."""
+        """Per-reply coefficients: ``self.weighting`` (examples or uniform) normalised to sum 1, times
+        each reply's staleness factor (1 for fresh updates, so they still sum to 1 in sync rounds;
+        FedBuff-style, stale updates count less in absolute terms)."""
         base = client_weights([m.meta["num_examples"] for m in replies], weighting=self.weighting)
-        return [w * f for w, f in zip(base, self.schedule.weights(replies))]
+        total = sum(base)
+        return [w / total * f for w, f in zip(base, self.schedule.weights(replies))]
 
     def eval_states(self, store: ClientStore) -> dict[str, State]:
         """Named trainable states to evaluate; one called ``global`` for federated strategies."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from fedtune.comm.channel import Message
 from fedtune.engine.client import ClientContext
 from fedtune.engine.schedule import Schedule
-from fedtune.strategies.aggregate import weighted_mean
+from fedtune.strategies.aggregate import weighted_sum
 from fedtune.strategies.base import Strategy, check_weighting
 
 
@@ -31,5 +31,9 @@ class FedAvg(Strategy):
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         replies = list(messages.values())
         weights = self.aggregation_weights(replies)
-        self.global_state = weighted_mean([m.tensors for m in replies], weights)
+        # sum_i a_i theta_i + (1 - sum_i a_i) theta_g: plain FedAvg when every update is fresh (sum a = 1);
+        # in async rounds stale updates pull the global state less (FedAsync-style mixing).
+        rest = 1.0 - sum(weights)
+        states = [m.tensors for m in replies] + ([self.global_state] if abs(rest) > 1e-12 else [])
+        self.global_state = weighted_sum(states, weights + ([rest] if abs(rest) > 1e-12 else []))
         return {}

@@ -14,7 +14,7 @@ from fedtune.comm.channel import Message
 from fedtune.engine.client import ClientContext
 from fedtune.engine.schedule import Schedule
 from fedtune.errors import ConfigError
-from fedtune.strategies.aggregate import add_scaled, subtract, weighted_mean
+from fedtune.strategies.aggregate import add_scaled, subtract, weighted_sum
 from fedtune.strategies.base import Strategy, check_weighting
 
 
@@ -38,6 +38,6 @@ class GradualDiff(Strategy):
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         replies = list(messages.values())
         weights = self.aggregation_weights(replies)
-        mean_delta = weighted_mean([m.tensors for m in replies], weights)
+        mean_delta = weighted_sum([m.tensors for m in replies], weights)
         self.global_state = add_scaled(self.global_state, mean_delta, self.server_lr)
         return {}

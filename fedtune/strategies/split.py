@@ -30,7 +30,7 @@ from fedtune.errors import ConfigError
 from fedtune.models.lora import State, get_trainable_state, set_trainable_state
 from fedtune.models.split import client_forward, num_layers, on_client, server_forward
 from fedtune.seeding import TRAIN, generator
-from fedtune.strategies.aggregate import weighted_mean
+from fedtune.strategies.aggregate import weighted_sum
 from fedtune.strategies.base import Strategy, check_weighting
 from fedtune.train.local import TrainResult, batch_order, plan_steps
 
@@ -131,7 +131,7 @@ class Split(Strategy):
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         replies = list(messages.values())
         weights = self.aggregation_weights(replies)
-        self.global_state = weighted_mean([m.tensors for m in replies], weights)
+        self.global_state = weighted_sum([m.tensors for m in replies], weights)
         return {}
 
     def eval_states(self, store) -> dict[str, State]:
