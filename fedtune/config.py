@@ -58,6 +58,9 @@ def validate(cfg: DictConfig) -> None:
                 "checkpoint.keep_last"):
         value = OmegaConf.select(cfg, key)
         _require(isinstance(value, int), f"{key}={value}: must be an integer")
+    if not cfg.model.get("generative", True) and (cfg.data.task == "generate" or cfg.data.classify_with != "head"):
+        raise ConfigError(f"model={cfg.model.name} is an encoder: it can only classify with a head "
+                          "(set data.classify_with=head with a classification dataset, or pick a causal LM)")
     if cfg.quant.load_in is not None:
         _require(cfg.lora.enabled, f"quant={cfg.quant.name} needs LoRA: a quantized base cannot be trained "
                  "full-parameter (set lora.enabled=true or quant=none)")

@@ -67,3 +67,9 @@ def test_single_run_with_wandb_offline(monkeypatch, tmp_path):
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "summary.json").exists()
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_encoder_model_for_generation_is_one_line(monkeypatch, tmp_path, capsys):
+    code = _main(monkeypatch, tmp_path, "model=minilm", "data=synthetic")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "classify_with=head" in err

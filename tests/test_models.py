@@ -88,6 +88,33 @@ def assert_one_step_moves_only_the_adapter(model: Any, data: dict[str, torch.Ten
         assert not param.requires_grad or "lora_" in name or ".modules_to_save." in name, name
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "conf" / "model").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_model_config_has_the_shared_shape(path):
+    assert path.read_text().startswith(f"# fedtune model={path.stem}")  # the command that uses it
+    cfg = model_cfg(path.stem)
+    OmegaConf.resolve(cfg)
+    assert cfg.name == path.stem and cfg.family and isinstance(cfg.fan_in_fan_out, bool)
+    assert cfg.builder._target_.startswith("fedtune.models.") and cfg.tokenizer._target_.startswith("fedtune.models.")
+    assert len(cfg.lora_target_modules) >= 1 and cfg.lora_modules_to_save is not None
+    if "name_or_path" in cfg:
+        assert cfg.builder.name_or_path == cfg.tokenizer.name_or_path == cfg.name_or_path
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf" / "quant").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_quant_config_maps_to_bitsandbytes(path):
+    from fedtune.models.quant import bnb_config
+
+    assert path.read_text().startswith("# fedtune ")
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    assert node["name"] == path.stem and node["load_in"] in (None, "8bit", "4bit")
+    if node["load_in"]:
+        pytest.importorskip("bitsandbytes")
+        config = bnb_config(node)
+        assert config.load_in_8bit == (node["load_in"] == "8bit") and config.load_in_4bit == (node["load_in"] == "4bit")
+    else:
+        assert bnb_config(node) is None
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
 def test_tiny_model_from_config_trains_only_its_adapter(name):
     cfg, tok, base = build_base(name)
@@ -141,6 +168,21 @@ def test_quantized_tiny_model_trains_with_lora_on_cpu(name, quant, layer):
     losses = train(model, batch(tok), steps=5, lr=3e-3)
     assert all(map(torch.isfinite, torch.tensor(losses))), losses
     assert losses[-1] < losses[0], losses
+
+
+def test_a_local_folder_loads_through_the_pretrained_builder_quantized(tmp_path):
+    """model=gpt2 model.name_or_path=<folder>: the offline route for any hub model, here 8-bit."""
+    pytest.importorskip("bitsandbytes")
+    _, tok, tiny = build_base("tiny-gpt2")
+    tiny.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg, tok2, base = build_base("gpt2", quant="int8", name_or_path=str(tmp_path))
+    assert tok2.get_vocab() == tok.get_vocab()
+    assert "Linear8bitLt" in {type(m).__name__ for m in base.modules()}
+    losses = train(with_lora(cfg, base), batch(tok2), steps=3, lr=3e-3)
+    assert losses[-1] < losses[0], losses
+    _, _, head = build_base("gpt2", num_labels=3, name_or_path=str(tmp_path))
+    assert type(head).__name__ == "GPT2ForSequenceClassification" and head.config.pad_token_id == tok.pad_token_id
 
 
 def test_bad_quant_values_are_one_line_config_errors():

@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.schema import Example
+from fedtune.errors import ConfigError
 
 IGNORE_INDEX = -100
 PLAIN_TEMPLATE = "Instruction : {prompt}\nResponse :"
@@ -53,6 +54,9 @@ def tokenize_generate(
     """
     input_ids, labels, truncated = [], [], 0
     eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError(f"{type(tokenizer).__name__} has no end-of-sequence token: it cannot train generation "
+                          "(use data.classify_with=head, or a causal LM's tokenizer)")
     for ex in examples:
         p = prompt_ids(tokenizer, ex["prompt"])
         r = tokenizer(" " + ex["response"], add_special_tokens=False)["input_ids"] + [eos]

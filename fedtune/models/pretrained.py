@@ -175,17 +175,22 @@ def gguf_folder(gguf_path: Path, *, name: str, package: str = "") -> Path:
     model, tokenizer = _convert_gguf(gguf_path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with quiet_transformers():
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    (tmp / "fedtune_stamp.json").write_text(json.dumps(stamp, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
     try:
-        tmp.rename(target)
-    except OSError:  # another process finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _stamp_matches(target, stamp):
-            raise
+        with quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        (tmp / "fedtune_stamp.json").write_text(json.dumps(stamp, indent=2))
+    except OSError as err:
+        raise ConfigError(f"FEDTUNE_CACHE={target.parent.parent}: cannot write the converted model there "
+                          f"({err.strerror or err}); set FEDTUNE_CACHE to a writable folder") from None
+    if not _stamp_matches(target, stamp):  # else another process finished first: keep its folder
+        shutil.rmtree(target, ignore_errors=True)  # a stale or half-written one
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not _stamp_matches(target, stamp):
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
