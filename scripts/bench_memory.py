@@ -1,0 +1,45 @@
+"""Peak memory vs the number of clients: one resident base model, clients are adapters.
+
+    python scripts/bench_memory.py [--models tiny,smollm2-135m] [--clients 2,10,100] [override ...]
+
+Each configuration (N clients, all in 1 round) runs in a fresh process and reports its peak RSS;
+the target is 100 clients <= 1.1 x the peak of 2 clients. The `local` strategy is included because
+it keeps every client's adapter and AdamW state in the client store (the worst case for memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from benchlib import run_child
+
+PER_MODEL = {
+    "tiny": ["data.source.num_train=2000"],
+    "smollm2-135m": ["data=alpaca", "data.path=../shared/data/alpaca_seed_tasks/seed_tasks.jsonl",
+                     "local.max_seq_len=64", "eval.max_samples=4"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,smollm2-135m")
+    parser.add_argument("--clients", default="2,10,100")
+    parser.add_argument("--strategies", default="fedavg,local")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    sys.stdout.write("| model | strategy | clients | peak RSS | vs 2 clients |\n|---|---|---:|---:|---:|\n")
+    for model in args.models.split(","):
+        for strategy in args.strategies.split(","):
+            base = None
+            for n in (int(c) for c in args.clients.split(",")):
+                _, peak = run_child([f"model={model}", f"strategy={strategy}", f"num_clients={n}", "num_rounds=1",
+                                     "local.max_steps=1", "local.batch_size=1", "eval.bleu_samples=0",
+                                     "checkpoint.every=0", "threads=1", *PER_MODEL.get(model, []), *args.overrides])
+                base = base or peak
+                sys.stdout.write(f"| {model} | {strategy} | {n} | {peak / 2**20:.0f} MiB | {peak / base:.2f}x |\n")
+                sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
