@@ -8,6 +8,7 @@ before any run folder is written.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -88,6 +89,10 @@ def _task(cfg: DictConfig) -> None:
     multirun = hc.mode.name == "MULTIRUN"
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(hc.runtime.output_dir)
     try:
+        from fedtune.engine.parallel import under_torchrun
+
+        if under_torchrun() and cfg.engine._target_ != "fedtune.engine.parallel.ParallelEngine":
+            raise ConfigError(f"engine={hc.runtime.choices.get('engine')}: under torchrun use engine=parallel")
         if cfg.resume:
             cfg, out_dir = resumed_config(cfg, list(hc.overrides.task))
         run(
@@ -120,11 +125,19 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
 
 def main() -> None:
     """Console-script entry point."""
+    if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from fedtune.engine.parallel import serve_torchrun_worker  # torchrun ranks > 0: workers, no Hydra
+
+        sys.exit(serve_torchrun_worker())
     try:
         precheck(sys.argv[1:])
     except ConfigError as err:
         sys.stderr.write(f"fedtune: error: {err}\n")
         sys.exit(2)
+    if "engine=parallel" in sys.argv[1:]:  # start the worker forkserver while Hydra composes
+        from fedtune.engine.parallel import prestart
+
+        prestart()
     import hydra
 
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)()

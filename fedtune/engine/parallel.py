@@ -13,38 +13,53 @@ Objects (tensors moved to CPU) are pickled over torch.distributed point-to-point
 process waits blindly: a worker that raises stops the run with its own message, one that dies
 stops it at once, one that hangs stops it after ``timeout_s``.
 
-One node: ``fedtune engine=parallel engine.workers=2`` starts the workers itself (subprocesses, tcp
-on 127.0.0.1). Several nodes: ``torchrun --nnodes=2 --nproc-per-node=G ... -m fedtune
-engine=parallel``: rank 0 runs the loop and every other rank serves it (:func:`serve_torchrun_worker`).
+One node: ``fedtune engine=parallel engine.workers=2`` starts the workers itself (CPU: forked from
+a forkserver that imported fedtune once; CUDA: spawned, worker i on cuda:i-1), tcp on 127.0.0.1.
+
+Several nodes: the same command on every node under torchrun,
+
+    torchrun --nnodes=2 --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        -m fedtune engine=parallel ...
+
+Rank 0 runs the CLI, Hydra, the loop, evaluation and every output; every other rank is a worker
+(:func:`serve_torchrun_worker`) on the device of its LOCAL_RANK (so rank 0 keeps cuda:0 of its node
+for evaluation). Every node needs the same code, data and model paths: each worker builds the
+world itself, and a different partition or initial model stops the run at start-up. A ``-m`` sweep
+reuses the same workers job after job.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
+import gc
 import hashlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.spawn
 import os
 import pickle
 import queue
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from fedtune.comm.channel import Message
-from fedtune.engine.client import ClientResult, ClientRuntime
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
-from fedtune.strategies.base import Strategy
+
+if TYPE_CHECKING:  # (peft and transformers load with these: importing this module stays light)
+    from fedtune.engine.client import ClientResult, ClientRuntime
+    from fedtune.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +72,8 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _torchrun() -> bool:
-    """True in a process that torchrun launched with more than one rank."""
+def under_torchrun() -> bool:
+    """True in a process that torchrun launched with more than one rank (cheap: reads the environment)."""
     return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -143,7 +158,8 @@ class ParallelEngine:
             or a number. Under torchrun: the other ranks (world size - 1).
         backend: ``auto`` | ``gloo`` | ``nccl``. Payloads always cross as pickled CPU tensors on
             gloo; ``nccl`` (auto with CUDA workers) adds an NCCL backend for device tensors.
-        threads: torch threads per worker; ``auto`` = cores // workers (workers x threads = cores).
+        threads: torch threads per worker; ``auto`` = cores // workers on the worker's node
+            (workers x threads = cores).
         master_port: rank 0's TCP port on 127.0.0.1; 0 picks a free one. Ignored under torchrun.
         timeout_s: longest wait for the workers' replies (start-up, one round); None = no limit.
             Dead workers are detected at once either way; this catches hung ones.
@@ -164,8 +180,9 @@ class ParallelEngine:
         self.master_port, self.timeout_s = master_port, timeout_s
         self.runtime: ClientRuntime | None = None
         self.ranks: list[int] = []
-        self._procs: dict[int, subprocess.Popen] = {}
+        self._procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self._failed = False
+        prestart()  # (if nobody did earlier) the workers' imports overlap rank 0's set-up from here on
 
     def start(self, runtime: ClientRuntime, cfg: DictConfig) -> None:
         """Start (or, under torchrun, join) the workers; returns once each has built its world."""
@@ -173,13 +190,19 @@ class ParallelEngine:
 
         self.runtime = runtime
         cuda = runtime.device.type == "cuda"
+        if _server_in_the_loop(cfg) and not under_torchrun():  # (torchrun's ranks still join, then idle)
+            log.warning("engine=parallel: strategy %s runs its clients in the server process (the server "
+                        "computes during every update), one after another; no workers started", cfg.strategy._target_)
+            return
         try:
             num_workers = self._init_group(cfg, cuda=cuda)
         except BaseException:
             self._failed = True
             raise
+        if _server_in_the_loop(cfg):
+            return
         self.ranks = list(range(1, num_workers + 1))
-        threads = self.threads if self.threads != "auto" else max(1, _cores() // num_workers)
+        threads = None if self.threads == "auto" else int(self.threads)  # None: each worker decides
         hello = ("job", {"cfg": to_container(cfg), "threads": threads, "cuda": cuda})
         ready = self._exchange(dict.fromkeys(self.ranks, hello), self.ranks, "while starting")
         mine = _fingerprint(runtime.shards, runtime.model)
@@ -188,14 +211,15 @@ class ParallelEngine:
                 self._failed = True
                 raise RuntimeError(f"worker {rank} built a different world than rank 0 (partition or initial "
                                    "weights differ): does every process read the same data the same way?")
-        log.info("parallel engine: %d workers x %d threads on %s", num_workers, threads,
-                 ", ".join(sorted({info["device"] for _, info in ready.values()})))
+        log.info("parallel engine: %d workers: %s", num_workers,
+                 ", ".join(f"{info['device']} x {info['threads']} threads" for _, info in ready.values()))
 
     def _init_group(self, cfg: DictConfig, *, cuda: bool) -> int:
         """Join torchrun's group, or start N workers on this node; returns the number of workers."""
         backend = "cpu:gloo,cuda:nccl" if self.backend == "nccl" or (self.backend == "auto" and cuda) else "gloo"
-        if _torchrun():
+        if under_torchrun():
             world_size = int(os.environ["WORLD_SIZE"])
+            assert os.environ["RANK"] == "0", "under torchrun, ranks > 0 must call serve_torchrun_worker()"
             if self.workers != "auto" and int(self.workers) != world_size - 1:
                 raise ConfigError(f"engine.workers={self.workers}: under torchrun the workers are the other "
                                   f"{world_size - 1} ranks (use engine.workers=auto)")
@@ -211,7 +235,7 @@ class ParallelEngine:
             num_workers = max(1, min(_cores(), cfg.clients_per_round or cfg.num_clients, _AUTO_CPU_CAP))
         store = dist.TCPStore("127.0.0.1", self.master_port, num_workers + 1, is_master=True,
                               wait_for_workers=False, timeout=_FOREVER)
-        self._procs = {rank: _spawn(rank, num_workers + 1, store.port) for rank in range(1, num_workers + 1)}
+        self._procs = {rank: _spawn(rank, num_workers + 1, store.port, cuda=cuda) for rank in range(1, num_workers + 1)}
         # Wait for every worker at the store while watching them: init_process_group would wait out
         # its whole timeout for a worker that died while importing.
         keys, deadline = [f"fedtune/up/{rank}" for rank in self._procs], self._deadline()
@@ -227,9 +251,14 @@ class ParallelEngine:
         """The round's clients on the workers; results in the order of ``messages``.
 
         ``strategy`` is rank 0's; each worker runs its own, set up from the same config (so
-        ``local_update`` may read only what ``setup`` set, and the message).
+        ``local_update`` may read only what ``setup`` set, and the message). A strategy whose
+        server computes during every update (``server_in_the_loop``, split learning: one server
+        model trained by the clients in turn) runs here on rank 0, one client after another.
         """
         assert self.runtime is not None, "start() first"
+        if getattr(strategy, "server_in_the_loop", False):
+            return {cid: self.runtime.run(strategy, round_idx=round_idx, client_id=cid, message=msg)
+                    for cid, msg in messages.items()}
         store, shards = self.runtime.store, self.runtime.shards
         sizes = {cid: sum(len(shards[c]) for c in (msg.pool or (cid,))) for cid, msg in messages.items()}
         plan = {rank: cids for rank, cids in zip(self.ranks, assign_clients(sizes, len(self.ranks))) if cids}
@@ -259,11 +288,15 @@ class ParallelEngine:
             for _ in _calls({r: partial(_send_obj, obj, r) for r, obj in sends.items()}, watch=watch,
                             deadline=deadline):
                 pass
-            replies = {}
+            replies, error = {}, None
             for rank, msg in _calls({r: partial(_recv_obj, r) for r in recv_from}, watch=watch, deadline=deadline):
                 if msg[0] == "error":
-                    raise ConfigError(msg[1]) if msg[2] else RuntimeError(msg[1])
+                    error = error or (ConfigError(msg[1]) if msg[2] else RuntimeError(msg[1]))
+                    if not under_torchrun():  # close() terminates the others; torchrun's ranks must finish
+                        break
                 replies[rank] = msg
+            if error is not None:
+                raise error
             return replies
         except TimeoutError:
             self._failed = True
@@ -278,8 +311,8 @@ class ParallelEngine:
 
     def _check_alive(self, when: str = "") -> None:
         for rank, proc in self._procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker {rank} exited with code {proc.returncode} {when} without reporting "
+            if proc.exitcode is not None:
+                raise RuntimeError(f"worker {rank} exited with code {proc.exitcode} {when} without reporting "
                                    "an error (killed? out of memory?)")
 
     def close(self) -> None:
@@ -295,33 +328,84 @@ class ParallelEngine:
             _reap(self._procs, grace_s=0.0 if self._failed else 30.0)
             if self._procs and dist.is_initialized():
                 dist.destroy_process_group()
-            if self._failed and _torchrun():  # torchrun tears the other ranks down when rank 0 fails
+            if self._failed and under_torchrun() and dist.is_initialized():  # torchrun stops the other ranks
                 atexit.unregister(_release_torchrun_workers)
+                dist.destroy_process_group()
             self._procs, self.runtime, self.ranks = {}, None, []
 
 
-def _spawn(rank: int, world_size: int, port: int) -> subprocess.Popen:
-    """A worker process: rank 0's interpreter, import path, working directory and environment."""
-    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank - 1),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "FEDTUNE_PARENT_PID": str(os.getpid()),
-           "PYTHONPATH": os.pathsep.join(os.path.abspath(p or os.curdir) for p in sys.path)}
-    code = "from fedtune.engine.parallel import serve_spawned_worker; serve_spawned_worker()"
-    return subprocess.Popen([sys.executable, "-c", code], env=env)
+def prestart() -> None:
+    """Start the CPU workers' forkserver now: it imports fedtune in the background, once.
+
+    Call it as early as possible in a process that will run ``engine=parallel`` on CPU (the CLI does,
+    before its own imports) so the workers' start-up overlaps rank 0's. Idempotent; no-op on GPUs.
+    """
+    if not under_torchrun() and not torch.cuda.is_available():
+        _forkserver()
 
 
-def _reap(procs: dict[int, subprocess.Popen], *, grace_s: float) -> None:
+def _server_in_the_loop(cfg: DictConfig) -> bool:
+    from hydra.utils import get_class
+
+    return bool(getattr(get_class(cfg.strategy._target_), "server_in_the_loop", False))
+
+
+def _spawn(rank: int, world_size: int, port: int, *, cuda: bool) -> multiprocessing.process.BaseProcess:
+    """A worker process with rank 0's import path and working directory.
+
+    On CPU, workers fork from a forkserver that imported fedtune once, so N workers do not pay
+    N parallel imports (seconds each). CUDA workers are spawned fresh: a process that touched
+    CUDA (importing bitsandbytes may) cannot be forked safely.
+    """
+    ctx = multiprocessing.get_context("spawn") if cuda else _forkserver()
+    proc = ctx.Process(target=serve_spawned_worker, args=(rank, world_size, port), name=f"fedtune-worker-{rank}")
+    with _without_main():
+        proc.start()
+    return proc
+
+
+@contextlib.contextmanager
+def _without_main() -> Iterator[None]:
+    """Start processes without re-running the caller's ``__main__`` in them.
+
+    multiprocessing re-imports the main script in every child so that pickled objects from it
+    resolve; a worker's target and arguments are importable without it, and re-running a script
+    that lacks the ``if __name__ == "__main__":`` guard would fail (or run it again).
+    """
+    original = multiprocessing.spawn.get_preparation_data
+
+    def preparation_data(name: str) -> dict[str, Any]:
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    multiprocessing.spawn.get_preparation_data = preparation_data
+    try:
+        yield
+    finally:
+        multiprocessing.spawn.get_preparation_data = original
+
+
+def _forkserver() -> multiprocessing.context.BaseContext:
+    """The forkserver context, its server started (it imports fedtune once, in the background)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["fedtune.world", "fedtune.engine.parallel"])
+    multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
+def _reap(procs: dict[int, multiprocessing.process.BaseProcess], *, grace_s: float) -> None:
     deadline = time.monotonic() + grace_s
     for proc in procs.values():
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        if proc.exitcode is None:
             proc.terminate()
     for proc in procs.values():
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+        proc.join(timeout=5)
+        if proc.exitcode is None:
             proc.kill()
-            proc.wait()
+            proc.join()
 
 
 def _release_torchrun_workers() -> None:
@@ -349,20 +433,18 @@ def _same_world(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a["shards"] == b["shards"] and a["names"] == b["names"] and close
 
 
-def serve_spawned_worker() -> None:
-    """Entry point of a worker that :class:`ParallelEngine` started on this node."""
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
-                          timeout=datetime.timedelta(seconds=600))
+def serve_spawned_worker(rank: int, world_size: int, port: int) -> None:
+    """Body of a worker process that :class:`ParallelEngine` started on this node."""
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=datetime.timedelta(seconds=600))
     store.set(f"fedtune/up/{rank}", "1")
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=_FOREVER)
-    parent = int(os.environ["FEDTUNE_PARENT_PID"])
+    parent = os.getppid()
 
-    def watch() -> None:  # rank 0 is gone (killed): exit rather than wait forever
+    def watch() -> None:  # rank 0 (or the forkserver) is gone: exit rather than wait forever
         if os.getppid() != parent:
             os._exit(3)
 
-    _serve(rank, watch, threads=None)
+    _serve(rank, watch, threads=max(1, _cores() // (world_size - 1)), local_rank=rank - 1)
     dist.destroy_process_group()
 
 
@@ -374,13 +456,16 @@ def serve_torchrun_worker() -> int:
     logging.basicConfig(level=logging.WARNING, format=f"[rank {os.environ['RANK']}] %(levelname)s %(message)s")
     dist.init_process_group("gloo", init_method="env://", timeout=_FOREVER)
     threads = max(1, _cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    while _serve(dist.get_rank(), lambda: None, threads=threads):
-        pass  # a -m sweep: the next job's world
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    while _serve(dist.get_rank(), lambda: None, threads=threads, local_rank=local_rank):
+        gc.collect()  # a -m sweep: the last job's world is garbage; the next job's comes
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     dist.destroy_process_group()
     return 0
 
 
-def _serve(rank: int, watch: Callable[[], None], *, threads: int | None) -> bool:
+def _serve(rank: int, watch: Callable[[], None], *, threads: int, local_rank: int) -> bool:
     """One job: build the world from rank 0's config, then serve rounds until told to stop.
 
     Returns True when rank 0 may send another job (sweeps under torchrun), False on ``exit``.
@@ -394,11 +479,13 @@ def _serve(rank: int, watch: Callable[[], None], *, threads: int | None) -> bool
     kind, hello = recv()
     if kind == "exit":
         return False
-    torch.set_num_threads(threads or hello["threads"])
+    threads = hello["threads"] or threads
+    torch.set_num_threads(threads)
     runtime = strategy = None
     try:
-        runtime, strategy = _build(hello, rank)
-        send(("ready", {"device": str(runtime.device), **_fingerprint(runtime.shards, runtime.model)}))
+        runtime, strategy = _build(hello, local_rank)
+        send(("ready", {"device": str(runtime.device), "threads": threads,
+                        **_fingerprint(runtime.shards, runtime.model)}))
     except Exception as err:
         send(_error(err, f"worker {rank} failed to start"))
     while (msg := recv())[0] == "round":
@@ -406,11 +493,10 @@ def _serve(rank: int, watch: Callable[[], None], *, threads: int | None) -> bool
     return msg[0] == "stop"
 
 
-def _build(hello: dict[str, Any], rank: int) -> tuple[ClientRuntime, Strategy]:
+def _build(hello: dict[str, Any], local_rank: int) -> tuple[ClientRuntime, Strategy]:
     from fedtune.world import build_world, client_runtime, make_channel
 
     cfg = OmegaConf.create(hello["cfg"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank - 1))
     device = torch.device("cuda", local_rank % torch.cuda.device_count()) if hello["cuda"] else torch.device("cpu")
     world = build_world(cfg, device=device)
     return client_runtime(cfg, world, store=ClientStore(), channel=make_channel(cfg)), world.strategy
@@ -429,8 +515,7 @@ def _run_jobs(runtime: ClientRuntime | None, strategy: Strategy | None, rank: in
             result = runtime.run(strategy, round_idx=round_idx, client_id=cid, message=message)
             transfers = runtime.channel.transfers[before:]
             del runtime.channel.transfers[before:]
-            reply = result.message
-            result.message = Message(tensors=_to_cpu(reply.tensors), meta=reply.meta, pool=reply.pool)
+            result.message.tensors = _to_cpu(result.message.tensors)
             items.append((cid, result, _to_cpu(runtime.store.get(cid)), transfers))
         except Exception as err:
             return _error(err, f"worker {rank} failed on client {cid} in round {round_idx}")
@@ -438,7 +523,7 @@ def _run_jobs(runtime: ClientRuntime | None, strategy: Strategy | None, rank: in
 
 
 def _error(err: Exception, where: str) -> tuple[str, str, bool]:
-    log.error("%s", where, exc_info=err)  # the traceback, on this worker's stderr
-    if isinstance(err, ConfigError):
+    if isinstance(err, ConfigError):  # a user error: its one line is the whole story
         return ("error", str(err), True)
+    log.error("%s", where, exc_info=err)  # the traceback, on this worker's stderr
     return ("error", f"{where}: {type(err).__name__}: {err}", False)

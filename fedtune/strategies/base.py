@@ -39,6 +39,9 @@ class Strategy:
     global_state: State
     world: World | None = None
     full_parameters = False  # True: trains full parameters, the model is built without LoRA
+    # True: the server computes during every local update (split learning), so the updates run in the
+    # server process (the parallel engine runs them there, one after another)
+    server_in_the_loop = False
 
     def prepare_splits(self, splits: Splits, *, seed: int) -> Splits:
         """Before tokenizing and partitioning: a strategy may reserve data (KD's public set)."""

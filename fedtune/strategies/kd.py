@@ -33,7 +33,7 @@ from fedtune.data.tasks import tokenize_like
 from fedtune.engine.client import ClientContext
 from fedtune.errors import ConfigError
 from fedtune.models.lora import State, get_trainable_state, set_trainable_state
-from fedtune.seeding import generator
+from fedtune.seeding import derive_seed, generator
 from fedtune.strategies.aggregate import client_weights
 from fedtune.strategies.base import Strategy, check_weighting
 from fedtune.train.local import batch_order, compute_params, train_local
@@ -216,6 +216,7 @@ class KD(Strategy):
         model, cfg = self.world.model, self.world.cfg
         set_trainable_state(model, self.global_state)
         teacher, offsets = self.teacher, self._offsets()
+        torch.manual_seed(derive_seed(int(cfg.seed), round_idx, SERVER_STREAM))  # dropout: same on every engine
         result, _ = train_local(
             model, self.public, list(range(len(self.public))), num_steps=self.server_kd_steps,
             batch_size=int(cfg.local.batch_size), lr=float(cfg.local.lr), weight_decay=float(cfg.local.weight_decay),

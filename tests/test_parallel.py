@@ -1,0 +1,112 @@
+"""The parallel engine: same metrics and bytes as sequential; a worker's failure stops the run at once.
+
+Workers are real processes (2 on CPU). The first parallel run pays the forkserver's one import of
+fedtune (~8 s); the later ones fork from it.
+"""
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import FAST, read_metrics
+
+from fedtune import cli
+from fedtune.engine.parallel import ParallelEngine, assign_clients
+from fedtune.errors import ConfigError
+
+PARALLEL = ("engine=parallel", "engine.workers=2", "engine.timeout_s=120")
+NOT_COMPARED = ("time/", "mem/process_rss_bytes")
+
+
+def _worker_processes() -> list[psutil.Process]:
+    """Live CPU workers: the forkserver's children (the forkserver itself stays up for the next run)."""
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if "forkserver" in " ".join(child.cmdline()):
+                found += [c for c in child.children() if c.status() != psutil.STATUS_ZOMBIE]
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_assign_clients_balances_by_shard_size():
+    assert assign_clients({0: 10, 1: 50, 2: 30, 3: 20}, 2) == [[0, 1], [2, 3]]  # loads 60 | 50
+    assert assign_clients({4: 5, 2: 5, 7: 5}, 2) == [[4, 7], [2]]  # ties: round order, lowest worker
+    assert assign_clients({0: 3}, 3) == [[0], [], []]
+
+
+@pytest.mark.parametrize("bad", ["workers=0", "workers=two", "backend=mpi", "timeout_s=0", "threads=-1"])
+def test_bad_knobs_are_config_errors(bad):
+    key, value = bad.split("=")
+    with pytest.raises(ConfigError, match=f"engine.{key}"):
+        ParallelEngine(**{key: int(value) if value.lstrip("-").isdigit() else value})
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "local", "split"])
+def test_parallel_equals_sequential(run_fedtune, strategy):
+    # 3 clients on 2 workers: one worker runs two clients back to back; `local` moves each client's
+    # persistent adapter and AdamW state through rank 0's store and back every round; `split` (server
+    # in the loop) runs on rank 0, its per-batch activations and gradients counted there.
+    common = (f"strategy={strategy}", "num_clients=3", "seed=7")
+    seq = read_metrics(run_fedtune(*common)[1])
+    par = read_metrics(run_fedtune(*common, *PARALLEL)[1])
+    assert len(seq) == len(par) == 2
+    for s, p in zip(seq, par):
+        keys = {k for k in s if not k.startswith(NOT_COMPARED)}
+        assert keys == {k for k in p if not k.startswith(NOT_COMPARED)}
+        for k in sorted(keys):
+            if "bytes" in k:
+                assert p[k] == s[k], k  # measured bytes: exactly equal
+            else:
+                assert p[k] == pytest.approx(s[k], rel=1e-5, abs=1e-7), k
+    assert not _worker_processes()
+
+
+@pytest.mark.parametrize(("how", "error", "message"), [
+    ("raise", RuntimeError, r"^worker [12] failed on client 1 in round 0: ValueError: injected failure$"),
+    ("config", ConfigError, r"^strategy.how=config: an injected one-line user error$"),
+    ("kill", RuntimeError, r"^worker [12] exited with code -9 in round 0 without reporting an error"),
+])
+def test_worker_failure_stops_the_run(run_fedtune, how, error, message):
+    start = time.perf_counter()
+    with pytest.raises(error, match=message):
+        run_fedtune(*PARALLEL, "strategy._target_=parallel_faults.FailingFedAvg", f"+strategy.how={how}")
+    assert time.perf_counter() - start < 30  # a start-up (fork + build) plus one short round, not a timeout
+    deadline = time.monotonic() + 5
+    while _worker_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _worker_processes()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # ~30 s: two torchrun agents and two fresh interpreters importing fedtune
+def test_two_nodes_under_torchrun(run_fedtune, tmp_path):
+    # Two torchrun agents on this machine stand for two nodes (c10d rendezvous on 127.0.0.1): rank 0
+    # runs the CLI and the loop, the other node's rank serves it. Same metrics as sequential.
+    # engine.threads=1: both "nodes" share this machine's cores (auto would give each node all of them).
+    if "serve_torchrun_worker" not in Path(cli.__file__).read_text():
+        pytest.skip("fedtune.cli does not hand ranks > 0 to serve_torchrun_worker yet")
+    overrides = [*FAST, "num_clients=3", "seed=3"]
+    seq = read_metrics(run_fedtune(*overrides, fast=False)[1])
+    out = tmp_path / "torchrun"
+    rdzv = [f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-backend=c10d", "--rdzv-id=fedtune-test"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", *rdzv,
+           "-m", "fedtune", *overrides, "engine=parallel", "engine.threads=1", f"output_dir={out}"]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [node.communicate(timeout=180)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    par = read_metrics(out)
+    for s, p in zip(seq, par, strict=True):
+        assert p["comm/total_bytes"] == s["comm/total_bytes"]
+        assert p["eval/loss"] == pytest.approx(s["eval/loss"], rel=1e-5)
+        assert p["train/loss"] == pytest.approx(s["train/loss"], rel=1e-5)
