@@ -20,6 +20,8 @@ def test_every_group_option_composes(group, option):
     overrides = [f"{group}={option}"]
     if group == "quant" and option != "none":
         overrides.append("lora.enabled=true")
+    if group == "model" and OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml").get("generative", True) is False:
+        overrides += ["data=banking77", "data.classify_with=head"]  # encoders only classify with a head
     cfg = compose_config(overrides)
     validate(cfg)
     if group != "experiment":
