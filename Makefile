@@ -41,7 +41,65 @@ lint: install ## ruff lint
 bench-overhead: install ## fedtune round loop vs a plain PyTorch loop on the same batches (ratio, median of 3)
 	$(BIN)/python scripts/bench_overhead.py
 
+# ---- Paper replications (docs/replication.md). Each target is a few Hydra multiruns into
+# $(REPLICATION_DIR)/<name>/<timestamp>/, then scripts/report.py over that folder (tables + PNGs in
+# its report/). `-smoke` forms run offline on 2 CPU cores with SmolLM2-135M and ../shared/data;
+# the full forms load the papers' models from the hub and want a GPU.
+REPLICATION_DIR ?= outputs/replication
+SHARED_DATA ?= ../shared/data
+STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+SMOKE_ARGS ?=
+FULL_ARGS ?=
+# a local copy of a data set when there is one, else the hub id in the data config
+data_path = $(if $(wildcard $(SHARED_DATA)/$(1)),data.path=$(SHARED_DATA)/$(1))
+
+replicate-gradualdiff-smoke: install ## GradualDiff-Fed, CPU smoke (~20 min): gradualdiff vs centralized, local, full-param FedAvg
+	$(eval D := $(REPLICATION_DIR)/gradualdiff-smoke/$(STAMP))
+	$(BIN)/fedtune -m experiment=gradualdiff_loss_time_smoke strategy=gradualdiff,centralized seed=0 hydra.sweep.dir=$(D)/fed $(SMOKE_ARGS)
+	$(BIN)/fedtune -m experiment=gradualdiff_loss_time_smoke strategy=local eval.every=0 seed=0 hydra.sweep.dir=$(D)/local $(SMOKE_ARGS)
+	$(BIN)/fedtune -m experiment=gradualdiff_loss_time_smoke strategy=fedavg lora.enabled=false quant=none local.lr=5e-5 seed=0 hydra.sweep.dir=$(D)/full $(SMOKE_ARGS)
+	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+
+replicate-gradualdiff: install ## GradualDiff-Fed, full scale (Llama-2-7B nf4, hub + GPU): the same four strategies
+	$(eval D := $(REPLICATION_DIR)/gradualdiff/$(STAMP))
+	$(BIN)/fedtune -m experiment=gradualdiff_loss_time $(call data_path,counsel_chat) strategy=gradualdiff,centralized seed=0 hydra.sweep.dir=$(D)/fed $(FULL_ARGS)
+	$(BIN)/fedtune -m experiment=gradualdiff_loss_time $(call data_path,counsel_chat) strategy=local seed=0 hydra.sweep.dir=$(D)/local $(FULL_ARGS)
+	$(BIN)/fedtune -m experiment=gradualdiff_loss_time $(call data_path,counsel_chat) strategy=fedavg lora.enabled=false quant=none local.lr=2e-5 seed=0 hydra.sweep.dir=$(D)/full $(FULL_ARGS)
+	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+
+replicate-comparison-smoke: install ## framework comparison, CPU smoke (~20 min): fedavg vs kd vs split on Banking77, rank and split sweeps
+	$(eval D := $(REPLICATION_DIR)/comparison-smoke/$(STAMP))
+	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=fedavg,kd,split seed=0,1 hydra.sweep.dir=$(D)/main $(SMOKE_ARGS)
+	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=fedavg lora.r=4,8,16 num_rounds=1 seed=0 hydra.sweep.dir=$(D)/rank $(SMOKE_ARGS)
+	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=split strategy.split_layer=1,8,15 num_rounds=1 seed=0 hydra.sweep.dir=$(D)/split $(SMOKE_ARGS)
+	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+
+replicate-comparison: install ## framework comparison, full scale (GPT-2, 3 x 1,667, 100 rounds, seeds 0,1,42; hub + GPU)
+	$(eval D := $(REPLICATION_DIR)/comparison/$(STAMP))
+	$(BIN)/fedtune -m experiment=comparison_banking77 $(call data_path,banking77) strategy=fedavg,kd,split seed=0,1,42 hydra.sweep.dir=$(D)/main $(FULL_ARGS)
+	$(BIN)/fedtune -m experiment=comparison_banking77 $(call data_path,banking77) strategy=fedavg lora.r=4,8,16 seed=0,1,42 hydra.sweep.dir=$(D)/rank $(FULL_ARGS)
+	$(BIN)/fedtune -m experiment=comparison_banking77 $(call data_path,banking77) strategy=split strategy.split_layer=3,6,9 seed=0,1,42 hydra.sweep.dir=$(D)/split $(FULL_ARGS)
+	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+
+replicate-fedcybgd-smoke: install ## FedCyBGD, CPU smoke (~20 min): fedcybgd vs full-param and LoRA FedAvg on SST-2
+	$(eval D := $(REPLICATION_DIR)/fedcybgd-smoke/$(STAMP))
+	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedcybgd strategy.num_blocks=3 seed=0 hydra.sweep.dir=$(D)/fedcybgd $(SMOKE_ARGS)
+	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedavg lora.enabled=false seed=0 hydra.sweep.dir=$(D)/full $(SMOKE_ARGS)
+	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedavg local.lr=1e-3 seed=0 hydra.sweep.dir=$(D)/lora $(SMOKE_ARGS)
+	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+
+replicate-fedcybgd: install ## FedCyBGD, full scale (TinyLlama-1.1B, SST-2; hub + GPU)
+	$(eval D := $(REPLICATION_DIR)/fedcybgd/$(STAMP))
+	$(BIN)/fedtune -m experiment=fedcybgd_glue $(call data_path,glue/SST-2) strategy=fedcybgd strategy.num_blocks=4 seed=0,1,42 hydra.sweep.dir=$(D)/fedcybgd $(FULL_ARGS)
+	$(BIN)/fedtune -m experiment=fedcybgd_glue $(call data_path,glue/SST-2) strategy=fedavg lora.enabled=false seed=0,1,42 hydra.sweep.dir=$(D)/full $(FULL_ARGS)
+	$(BIN)/fedtune -m experiment=fedcybgd_glue $(call data_path,glue/SST-2) strategy=fedavg local.lr=2e-4 seed=0,1,42 hydra.sweep.dir=$(D)/lora $(FULL_ARGS)
+	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+
+replicate-smoke: replicate-gradualdiff-smoke replicate-comparison-smoke replicate-fedcybgd-smoke ## the three CPU smoke replications, one after another (~1 h)
+
 clean: ## remove the venv and run outputs
 	rm -rf $(VENV) outputs/runs outputs/multiruns
 
-.PHONY: help install run test test-slow lint bench-overhead clean
+.PHONY: help install run test test-slow lint bench-overhead clean replicate-smoke \
+	replicate-gradualdiff replicate-gradualdiff-smoke replicate-comparison replicate-comparison-smoke \
+	replicate-fedcybgd replicate-fedcybgd-smoke
