@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedtune import checkpoint
+from fedtune.comm.channel import Message
 from fedtune.config import build, to_container, validate
 from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
 from fedtune.engine.clock import REFERENCE, client_profiles, client_time
@@ -123,16 +124,22 @@ def run(
             client_ids = schedule.dispatch(seed=cfg.seed, round_idx=round_idx, num_clients=cfg.num_clients,
                                            clients_per_round=clients_per_round, sampled=sampled)
             outgoing = strategy.broadcast(round_idx, client_ids)
-            received = {cid: channel.send(msg, round_idx=round_idx, client_id=cid, direction="down")
-                        for cid, msg in outgoing.items()}
-            comm_s = time.perf_counter() - round_start
+            down_s = [0.0]
 
-            results = engine.run_round(strategy, round_idx=round_idx, messages=received)
+            def receive(cid: int, msg: Message, round_idx: int = round_idx, down_s: list = down_s) -> Message:
+                t0 = time.perf_counter()
+                got = channel.send(msg, round_idx=round_idx, client_id=cid, direction="down")
+                down_s[0] += time.perf_counter() - t0
+                return got
+
+            results = engine.run_round(strategy, round_idx=round_idx, messages=outgoing, receive=receive)
+            comm_s = down_s[0]
 
             t = time.perf_counter()
             replies, rejected = {}, 0
             for cid, result in results.items():
                 reply = channel.send(result.message, round_idx=round_idx, client_id=cid, direction="up")
+                result.message = reply  # the client's own copy is gone once sent: keep one per client
                 if all_finite(reply.tensors):
                     replies[cid] = reply
                 else:  # a NaN/inf update would poison the global state: drop it, count it

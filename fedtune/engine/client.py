@@ -8,6 +8,7 @@ local update. Strategies only see :class:`ClientContext`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,10 @@ from fedtune.train.local import LossFn, TrainResult, plan_steps, train_local
 
 if TYPE_CHECKING:
     from fedtune.strategies.base import Strategy
+
+
+# the channel's download for one client: (client_id, message as sent) -> the client's decoded copy
+Receive = Callable[[int, Message], Message]
 
 
 @dataclass

@@ -58,7 +58,7 @@ from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:  # (peft and transformers load with these: importing this module stays light)
-    from fedtune.engine.client import ClientResult, ClientRuntime
+    from fedtune.engine.client import ClientResult, ClientRuntime, Receive
     from fedtune.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
@@ -247,8 +247,11 @@ class ParallelEngine:
         dist.init_process_group(backend, store=store, rank=0, world_size=num_workers + 1, timeout=_FOREVER)
         return num_workers
 
-    def run_round(self, strategy: Strategy, *, round_idx: int, messages: dict[int, Message]) -> dict[int, ClientResult]:
+    def run_round(self, strategy: Strategy, *, round_idx: int, messages: dict[int, Message],
+                  receive: Receive | None = None) -> dict[int, ClientResult]:
         """The round's clients on the workers; results in the order of ``messages``.
+
+        ``receive(client_id, message)`` (the channel's download) is applied to every message first.
 
         ``strategy`` is rank 0's; each worker runs its own, set up from the same config (so
         ``local_update`` may read only what ``setup`` set, and the message). A strategy whose
@@ -256,6 +259,8 @@ class ParallelEngine:
         model trained by the clients in turn) runs here on rank 0, one client after another.
         """
         assert self.runtime is not None, "start() first"
+        if receive is not None:
+            messages = {cid: receive(cid, msg) for cid, msg in messages.items()}
         if getattr(strategy, "server_in_the_loop", False):
             return {cid: self.runtime.run(strategy, round_idx=round_idx, client_id=cid, message=msg)
                     for cid, msg in messages.items()}

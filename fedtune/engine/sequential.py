@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from fedtune.comm.channel import Message
-from fedtune.engine.client import ClientResult, ClientRuntime
+from fedtune.engine.client import ClientResult, ClientRuntime, Receive
 from fedtune.strategies.base import Strategy
 
 
@@ -18,10 +18,14 @@ class SequentialEngine:
     def start(self, runtime: ClientRuntime, cfg: DictConfig | None = None) -> None:
         self.runtime = runtime
 
-    def run_round(self, strategy: Strategy, *, round_idx: int, messages: dict[int, Message]) -> dict[int, ClientResult]:
+    def run_round(self, strategy: Strategy, *, round_idx: int, messages: dict[int, Message],
+                  receive: Receive | None = None) -> dict[int, ClientResult]:
+        """Each client in turn; ``receive`` (the channel's download) runs just before its update, so
+        only one client's decoded copy of the download is alive at a time."""
         assert self.runtime is not None, "start() first"
         return {
-            cid: self.runtime.run(strategy, round_idx=round_idx, client_id=cid, message=msg)
+            cid: self.runtime.run(strategy, round_idx=round_idx, client_id=cid,
+                                  message=receive(cid, msg) if receive is not None else msg)
             for cid, msg in messages.items()
         }
 
