@@ -68,7 +68,8 @@ def run(
                               label_names=splits.label_names)
     strategy = world.strategy
     channel = make_channel(cfg)
-    store = ClientStore(spill_dir=out_dir / "client_store")
+    limit = cfg.store.max_memory_mb
+    store = ClientStore(max_memory_bytes=None if limit is None else int(limit * 2**20), spill_dir=out_dir / "client_store")
     runtime = client_runtime(cfg, world, store=store, channel=channel)
     schedule = strategy.schedule
     profiles = dict(enumerate(client_profiles(cfg.clients, cfg.network, num_clients=cfg.num_clients, seed=cfg.seed)))
