@@ -236,7 +236,7 @@ PAPERS: dict[str, dict[str, Any]] = {
                   ("gradualdiff", "round_s_no_eval"): "4.3", ("fedavg-full", "round_s_no_eval"): "6.7"},
         "claims": [
             ("final training loss: centralized < gradualdiff < local", "0.15 < 0.22 < 0.31",
-             ordered("train_loss", ["centralized", "gradualdiff", "local"])),
+             ordered("train_loss", ["centralized", "gradualdiff", "local"], spec="{:.3f}")),
             ("per-round time: gradualdiff below full model updates (fedavg-full)", "4.3 s vs 6.7 s (−36%)",
              reduction("round_s_no_eval", "gradualdiff", "fedavg-full", spec="{:.1f} s")),
             ("perplexity: gradualdiff about the same as centralized (within 10%)", "≈ 16.78",
@@ -344,7 +344,7 @@ def paper_section(name: str, runs: list[Run], out: Path, *, figures: bool) -> li
     by_arm = {a: [r for r in main if r.arm == a] for a in {r.arm for r in main}}
     arms = {a: aggregate(rs) for a, rs in by_arm.items()}
     order = [a for a in spec["arms"] if a in arms] + sorted(a for a in arms if a not in spec["arms"])
-    lines = [f"## {spec['title']}", "", _setup_line(runs), "",
+    lines = [f"## {spec['title']}", "", _setup_line(main or runs), "",
              *table(arms, order, spec["columns"], spec["paper"]), "",
              f"Paper numbers: {spec['source']}. Ours: mean ± std over seeds (no ± with one seed), read from each run's "
              "`metrics.jsonl` (final round for losses and quality; means per round for times; maxima for memory).", "",
@@ -398,8 +398,9 @@ def _figures(name: str, spec: dict[str, Any], runs: list[Run], order: list[str],
     files.append(_save(fig, out / f"{name}_curves.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
-    points = []
-    for variant in sorted({r.variant for r in runs}):
+    points = []  # main arms, and sweep points trained as long as they were (a 1-round sweep is no quality point)
+    main_rounds = {r.config.get("num_rounds") for rs in main.values() for r in rs}
+    for variant in sorted({r.variant for r in runs if r.config.get("num_rounds") in main_rounds}):
         agg = aggregate([r for r in runs if r.variant == variant])
         points.append((variant, agg["total_mb"].mean, agg[qkey].mean))
     floor = min((x for _, x, _ in points if x > 0), default=1.0) / 10  # 0-byte baselines sit at the left edge
