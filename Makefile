@@ -81,16 +81,17 @@ replicate-comparison: install ## framework comparison, full scale (GPT-2, 3 x 1,
 	$(BIN)/fedtune -m experiment=comparison_banking77 $(call data_path,banking77) strategy=split strategy.split_layer=3,6,9 seed=0,1,42 hydra.sweep.dir=$(D)/split $(FULL_ARGS)
 	$(BIN)/python scripts/report.py $(D) --out $(D)/report
 
+# FedCyBGD trains ONE client per round: num_clients x the FedAvg rounds gives every arm the same client updates.
 replicate-fedcybgd-smoke: install ## FedCyBGD, CPU smoke (~20 min): fedcybgd vs full-param and LoRA FedAvg on SST-2
 	$(eval D := $(REPLICATION_DIR)/fedcybgd-smoke/$(STAMP))
-	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedcybgd strategy.num_blocks=3 seed=0 hydra.sweep.dir=$(D)/fedcybgd $(SMOKE_ARGS)
+	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedcybgd strategy.num_blocks=3 num_rounds=18 eval.every=3 seed=0 hydra.sweep.dir=$(D)/fedcybgd $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedavg lora.enabled=false seed=0 hydra.sweep.dir=$(D)/full $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedavg local.lr=1e-3 seed=0 hydra.sweep.dir=$(D)/lora $(SMOKE_ARGS)
 	$(BIN)/python scripts/report.py $(D) --out $(D)/report
 
 replicate-fedcybgd: install ## FedCyBGD, full scale (TinyLlama-1.1B, SST-2; hub + GPU)
 	$(eval D := $(REPLICATION_DIR)/fedcybgd/$(STAMP))
-	$(BIN)/fedtune -m experiment=fedcybgd_glue $(call data_path,glue/SST-2) strategy=fedcybgd strategy.num_blocks=4 seed=0,1,42 hydra.sweep.dir=$(D)/fedcybgd $(FULL_ARGS)
+	$(BIN)/fedtune -m experiment=fedcybgd_glue $(call data_path,glue/SST-2) strategy=fedcybgd strategy.num_blocks=4 num_rounds=160 eval.every=20 seed=0,1,42 hydra.sweep.dir=$(D)/fedcybgd $(FULL_ARGS)
 	$(BIN)/fedtune -m experiment=fedcybgd_glue $(call data_path,glue/SST-2) strategy=fedavg lora.enabled=false seed=0,1,42 hydra.sweep.dir=$(D)/full $(FULL_ARGS)
 	$(BIN)/fedtune -m experiment=fedcybgd_glue $(call data_path,glue/SST-2) strategy=fedavg local.lr=2e-4 seed=0,1,42 hydra.sweep.dir=$(D)/lora $(FULL_ARGS)
 	$(BIN)/python scripts/report.py $(D) --out $(D)/report

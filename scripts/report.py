@@ -375,6 +375,7 @@ def paper_section(name: str, runs: list[Run], out: Path, *, figures: bool) -> li
 
 def _figures(name: str, spec: dict[str, Any], runs: list[Run], order: list[str], out: Path) -> list[str]:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -392,6 +393,7 @@ def _figures(name: str, spec: dict[str, Any], runs: list[Run], order: list[str],
                 ax.plot(xs, ys, "o-", ms=3, label=arm)
     for ax, title in zip(axes, ("train loss (mean over seeds)", qtitle)):
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
