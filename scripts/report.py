@@ -297,6 +297,8 @@ PAPERS: dict[str, dict[str, Any]] = {
              at_least("eval_accuracy", "fedcybgd", "fedavg")),
         ],
         "quality": ("eval_accuracy", "eval/accuracy", "eval accuracy", True),
+        # FedCyBGD trains one client a round, FedAvg all three: compare per client update, not per round
+        "per_client_update": True,
     },
 }
 
@@ -306,8 +308,13 @@ PAPERS: dict[str, dict[str, Any]] = {
 def _setup_line(runs: list[Run]) -> str:
     cfg = runs[0].config
     seeds = sorted({r.seed for r in runs})
+    per_arm = {}  # FedCyBGD runs num_clients x the rounds of the FedAvg arms: say so
+    for r in runs:
+        per_arm.setdefault(int(r.config.get("num_rounds", 0)), set()).add(r.arm)
+    rounds = (" / ".join(f"{n} ({', '.join(sorted(arms))})" for n, arms in sorted(per_arm.items()))
+              if len(per_arm) > 1 else str(next(iter(per_arm), "?")))
     parts = [f"model `{cfg.get('model', {}).get('name', '?')}`", f"data `{cfg.get('data', {}).get('name', '?')}`",
-             f"{cfg.get('num_clients', '?')} clients", f"{cfg.get('num_rounds', '?')} rounds",
+             f"{cfg.get('num_clients', '?')} clients", f"{rounds} rounds",
              f"seeds {', '.join(map(str, seeds))}", f"{len(runs)} runs",
              f"experiment `{runs[0].choices.get('experiment', '?')}`"]
     return "Setup: " + ", ".join(parts) + "."
@@ -386,13 +393,14 @@ def _figures(name: str, spec: dict[str, Any], runs: list[Run], order: list[str],
     files = []
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=90)
+    per_update = spec.get("per_client_update", False)
     for arm, rs in main.items():
         for ax, metric in zip(axes, ("train/loss", qmetric)):
-            xs, ys = _curve(rs, metric)
+            xs, ys = _curve(rs, metric, per_client_update=per_update)
             if xs:
                 ax.plot(xs, ys, "o-", ms=3, label=arm)
     for ax, title in zip(axes, ("train loss (mean over seeds)", qtitle)):
-        ax.set_xlabel("round")
+        ax.set_xlabel("client updates (local trainings so far)" if per_update else "round", fontsize=8)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
@@ -431,27 +439,33 @@ def _figures(name: str, spec: dict[str, Any], runs: list[Run], order: list[str],
              ("aggregate_s", "aggregate"), ("eval_s", "eval")]
     aggs = {a: aggregate(rs) for a, rs in main.items() if rs}
     left = [0.0] * len(aggs)
+    # seconds per round, or per client update (a round's time over its participants)
+    scale = {a: (len(rs[0].rows) / max(1, sum(r.get("clients/participants", 1) for r in rs[0].rows))
+                 if per_update else 1.0) for a, rs in main.items() if rs}
     for key, label in parts:
-        widths = [aggs[a][key].mean for a in aggs]
+        widths = [aggs[a][key].mean * scale[a] for a in aggs]
         ax.barh(list(aggs), widths, left=left, label=label)
         left = [lft + w for lft, w in zip(left, widths)]
     ax.invert_yaxis()
-    ax.set_xlabel("seconds per round (mean)")
-    ax.set_title("per-round time breakdown", fontsize=9)
+    ax.set_xlabel("seconds per client update (mean)" if per_update else "seconds per round (mean)")
+    ax.set_title("time breakdown, wall clock", fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     files.append(_save(fig, out / f"{name}_time.png"))
     return [f"![{f.stem}]({f.name})" for f in files]
 
 
-def _curve(runs: list[Run], metric: str) -> tuple[list[int], list[float]]:
-    """Per round, the mean of ``metric`` over the runs that logged it."""
-    by_round: dict[int, list[float]] = {}
+def _curve(runs: list[Run], metric: str, *, per_client_update: bool = False) -> tuple[list[int], list[float]]:
+    """Per round (1-based), or per cumulative client updates, the mean of ``metric`` over the runs that logged it."""
+    by_x: dict[int, list[float]] = {}
     for r in runs:
+        done = 0
         for row in r.rows:
+            done += int(row.get("clients/participants", 1))
+            x = done if per_client_update else int(row["round_idx"]) + 1
             if row.get(metric) is not None:
-                by_round.setdefault(int(row["round_idx"]), []).append(float(row[metric]))
-    xs = sorted(by_round)
-    return [x + 1 for x in xs], [statistics.fmean(by_round[x]) for x in xs]
+                by_x.setdefault(x, []).append(float(row[metric]))
+    xs = sorted(by_x)
+    return xs, [statistics.fmean(by_x[x]) for x in xs]
 
 
 def _save(fig, path: Path) -> Path:

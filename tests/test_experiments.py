@@ -90,3 +90,50 @@ def test_report_on_a_fixture_multirun(tmp_path):
     for figure in ("comparison_curves.png", "comparison_pareto.png", "comparison_time.png"):
         assert (tmp_path / figure).stat().st_size > 1000
         assert f"]({figure})" in text
+
+
+def _claims(paper: str, means: dict[str, dict[str, float]]) -> dict[str, tuple[str, str]]:
+    """Run a paper's claim checks on hand-made means (one seed each): {claim: (verdict, our numbers)}."""
+    report = _report_module()
+    arms = {arm: {k: report.Agg(v, None, 1) for k, v in keys.items()} for arm, keys in means.items()}
+    return {text: check(arms) for text, _, check in report.PAPERS[paper]["claims"]}
+
+
+def test_gradualdiff_claims_on_hand_made_means():
+    claims = _claims("gradualdiff", {
+        "centralized": {"train_loss": 3.2771, "eval_ppl": 25.0, "eval_bleu": 0.5},
+        "gradualdiff": {"train_loss": 3.2849, "eval_ppl": 27.4, "round_s_no_eval": 60.0, "eval_bleu": 1.4},
+        "local": {"train_loss": 3.3210},
+        "fedavg-full": {"round_s_no_eval": 80.0},
+    })
+    # three decimals keep 3.277 and 3.285 apart in the printed ordering
+    assert claims["final training loss: centralized < gradualdiff < local"] == (
+        "agrees", "centralized 3.277, gradualdiff 3.285, local 3.321")
+    assert claims["per-round time: gradualdiff below full model updates (fedavg-full)"] == (
+        "agrees", "gradualdiff 60.0 s vs fedavg-full 80.0 s (-25.0%)")
+    # 27.4 / 25 = +9.6%: inside 10%; BLEU 1.4 vs 0.5 is 0.9 points apart: inside the 1-point slack
+    assert claims["perplexity: gradualdiff about the same as centralized (within 10%)"][0] == "agrees"
+    assert claims["BLEU: gradualdiff comparable to centralized (within 10% or 1 point)"] == (
+        "agrees", "gradualdiff 1.40 vs centralized 0.50 (+0.90)")
+    worse = _claims("gradualdiff", {"centralized": {"train_loss": 1.0, "eval_ppl": 10.0},
+                                    "gradualdiff": {"train_loss": 2.0, "eval_ppl": 11.5},
+                                    "local": {"train_loss": 1.5}})
+    assert worse["final training loss: centralized < gradualdiff < local"][0] == "disagrees"
+    assert worse["perplexity: gradualdiff about the same as centralized (within 10%)"] == (
+        "disagrees", "gradualdiff 11.50 vs centralized 10.00 (+15.0%)")
+    assert worse["per-round time: gradualdiff below full model updates (fedavg-full)"][0] == "not measured"
+
+
+def test_fedcybgd_claims_on_hand_made_means():
+    claims = _claims("fedcybgd", {
+        "fedcybgd": {"mem_mb": 900.0, "mb_per_client_round": 300.0, "eval_accuracy": 0.71},
+        "fedavg-full": {"mem_mb": 2000.0, "mb_per_client_round": 1000.0, "eval_accuracy": 0.75},
+        "fedavg": {"eval_accuracy": 0.72},
+    })
+    assert claims["client memory: FedCyBGD below full-parameter FedAvg"] == (
+        "agrees", "fedcybgd 900 MB vs fedavg-full 2000 MB (-55.0%)")
+    assert claims["communication per client-round: FedCyBGD below full-parameter FedAvg"] == (
+        "agrees", "fedcybgd 300 MB vs fedavg-full 1000 MB (-70.0%)")
+    assert claims["accuracy competitive with full-parameter FedAvg (within 5 points)"] == (
+        "agrees", "fedcybgd 0.710 vs fedavg-full 0.750 (-0.040)")
+    assert claims["accuracy at least LoRA FedAvg's (PEFT baseline)"] == ("disagrees", "fedcybgd 0.710 vs fedavg 0.720")
