@@ -16,6 +16,7 @@ from fedtune import checkpoint
 from fedtune.comm.channel import Message
 from fedtune.config import build, to_container, validate
 from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
+from fedtune.engine.client import ClientResult
 from fedtune.engine.clock import REFERENCE, client_profiles, client_time
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
@@ -133,20 +134,25 @@ def run(
                 down_s[0] += time.perf_counter() - t0
                 return got
 
-            results = engine.run_round(strategy, round_idx=round_idx, messages=outgoing, receive=receive)
-            comm_s = down_s[0]
+            replies: dict[int, Message] = {}
+            up = {"s": 0.0, "rejected": 0}
 
-            t = time.perf_counter()
-            replies, rejected = {}, 0
-            for cid, result in results.items():
+            def deliver(cid: int, result: ClientResult, round_idx: int = round_idx,
+                        replies: dict[int, Message] = replies, up: dict = up) -> None:
+                """The uplink, right after each update: the server folds the reply in as it arrives."""
+                t0 = time.perf_counter()
                 reply = channel.send(result.message, round_idx=round_idx, client_id=cid, direction="up")
-                result.message = reply  # the client's own copy is gone once sent: keep one per client
+                result.message = None  # the client's copy is gone once sent
                 if all_finite(reply.tensors):
-                    replies[cid] = reply
+                    replies[cid] = strategy.fold(round_idx, cid, reply)
                 else:  # a NaN/inf update would poison the global state: drop it, count it
-                    rejected += 1
+                    up["rejected"] += 1
                     log.warning("round %d: client %d sent a non-finite update; rejected", round_idx, cid)
-            comm_s += time.perf_counter() - t
+                up["s"] += time.perf_counter() - t0
+
+            results = engine.run_round(strategy, round_idx=round_idx, messages=outgoing, receive=receive,
+                                       deliver=deliver)
+            comm_s, rejected = down_s[0] + up["s"], up["rejected"]
 
             # The simulated clock: when each reply would arrive; the schedule picks what is aggregated now.
             sent = channel.bytes_by_client(round_idx)

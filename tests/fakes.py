@@ -30,8 +30,10 @@ class FakeClient:
         return self.report
 
 
-def one_round(strategy, clients: dict[int, FakeClient], round_idx: int = 0):
-    """broadcast -> local_update -> aggregate without a channel (pure strategy maths)."""
+def one_round(strategy, clients: dict[int, FakeClient], round_idx: int = 0, *, fold: bool = False):
+    """broadcast -> local_update (-> fold, as the runner does with each arriving reply) -> aggregate,
+    without a channel (pure strategy maths). Returns (metrics, replies as sent, before folding)."""
     messages = strategy.broadcast(round_idx, sorted(clients))
     replies = {cid: strategy.local_update(clients[cid], msg) for cid, msg in messages.items()}
-    return strategy.aggregate(round_idx, replies), replies
+    held = {cid: strategy.fold(round_idx, cid, m) for cid, m in replies.items()} if fold else replies
+    return strategy.aggregate(round_idx, held), replies

@@ -1,5 +1,6 @@
 """Aggregation maths against hand-computed numbers."""
 
+import pytest
 import torch
 
 from fedtune.strategies.aggregate import add_scaled, all_finite, client_weights, subtract, weighted_mean
@@ -42,3 +43,18 @@ def test_all_finite():
     assert all_finite({"a": torch.ones(3)})
     assert not all_finite({"a": torch.tensor([1.0, float("nan")])})
     assert not all_finite({"a": torch.tensor([float("inf")])})
+
+
+def test_running_sum_folds_to_the_weighted_mean_by_hand():
+    from fedtune.strategies.aggregate import RunningSum
+
+    r = RunningSum()
+    r.add({"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5], dtype=torch.float16)}, 1.0)
+    r.add({"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.5], dtype=torch.float16)}, 3.0)
+    mean = r.mean()
+    # (1 * [1, 2] + 3 * [3, 4]) / 4 = [2.5, 3.5]; (0.5 + 4.5) / 4 = 1.25, back in float16
+    assert torch.equal(mean["w"], torch.tensor([2.5, 3.5]))
+    assert mean["b"].dtype == torch.float16 and mean["b"].item() == 1.25
+    assert (r.count, r.total) == (2, 4.0)
+    with pytest.raises(AssertionError):
+        r.add({"other": torch.zeros(2)}, 1.0)

@@ -22,7 +22,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 from fedtune.config import build  # noqa: E402
 from fedtune.errors import ConfigError  # noqa: E402
 from fedtune.models import pretrained  # noqa: E402
-from fedtune.models.lora import apply_lora, get_trainable_state  # noqa: E402
+from fedtune.models.lora import apply_lora, count_parameters, get_trainable_state  # noqa: E402
 from fedtune.models.quant import base_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +164,8 @@ def test_quantized_tiny_model_trains_with_lora_on_cpu(name, quant, layer):
     assert layer in kinds, kinds
     _, _, fp32 = build_base(name)
     assert base_bytes(base) < base_bytes(fp32) * (0.7 if quant == "int8" else 0.6)  # embeddings stay fp32
+    # packed 4-bit storage holds half the elements; the count is of the weights it encodes
+    assert count_parameters(base)[1] == sum(p.numel() for p in fp32.parameters())
     model = with_lora(cfg, base)
     losses = train(model, batch(tok), steps=5, lr=3e-3)
     assert all(map(torch.isfinite, torch.tensor(losses))), losses

@@ -105,3 +105,62 @@ def test_stale_deltas_count_less_in_absolute_terms():
     f.aggregate(0, {0: Message(tensors={"w": torch.tensor([0.0])}, meta={"num_examples": 1, "staleness": 1})})
     # a = 1 * (1 + 1)^-1 = 0.5 -> 0.5 * 0 + 0.5 * 10
     assert torch.allclose(f.global_state["w"], torch.tensor([5.0]))
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["whole", "folded"])
+def test_fedavg_and_gradualdiff_fold_replies_as_they_arrive(fold):
+    """Sync rounds fold each reply into a running mean as it arrives (the server then holds one
+    accumulator, not every update): the same numbers by hand as above, with the tensors dropped."""
+    fa, gd = FedAvg(weighting="examples"), GradualDiff(server_lr=0.5, weighting="uniform")
+    for s in (fa, gd):
+        s.setup(initial_state=INIT, num_clients=2)
+    one_round(fa, _clients(), fold=fold)
+    one_round(gd, _clients(), fold=fold)
+    assert torch.equal(fa.global_state["w"], torch.tensor([4.25, 5.25]))
+    assert torch.equal(gd.global_state["w"], torch.tensor([2.25, 3.25]))
+    reply = fa.local_update(FakeClient(0, 1.0, 10), fa.broadcast(1, [0])[0])
+    held = fa.fold(1, 0, reply)
+    assert held.tensors == {} and held.meta == {"num_examples": 10, "folded": True}
+    assert fa._running.count == 1 and fa._running.total == 10.0
+
+
+def test_folding_matches_the_batch_mean_over_rounds():
+    torch.manual_seed(1)
+    init = {"a": torch.randn(5, 4), "b": torch.randn(9)}
+    for cls in (FedAvg, GradualDiff):
+        whole, folded = cls(weighting="examples"), cls(weighting="examples")
+        whole.setup(initial_state=init, num_clients=4)
+        folded.setup(initial_state=init, num_clients=4)
+        for r in range(3):
+            one_round(whole, {c: FakeClient(c, 0.37 * (c + 1) - r, 3 + 7 * c) for c in range(4)}, r)
+            one_round(folded, {c: FakeClient(c, 0.37 * (c + 1) - r, 3 + 7 * c) for c in range(4)}, r, fold=True)
+        for k in init:  # float64 accumulation either way: equal to fp32 rounding
+            assert torch.allclose(whole.global_state[k], folded.global_state[k], rtol=0, atol=1e-6)
+
+
+def test_async_rounds_keep_replies_whole():
+    s = FedAvg(mode="async", buffer_size=2)
+    s.setup(initial_state=INIT, num_clients=2)
+    reply = s.local_update(FakeClient(0, 1.0, 10), s.broadcast(0, [0])[0])
+    assert s.fold(0, 0, reply) is reply  # staleness is known only when the schedule aggregates it
+
+
+def test_sequential_engine_sends_each_update_up_before_the_next_client_trains():
+    from fedtune.engine.client import ClientResult
+    from fedtune.engine.sequential import SequentialEngine
+
+    events = []
+
+    class Runtime:
+        def run(self, strategy, *, round_idx, client_id, message):
+            events.append(("train", client_id, message))
+            return ClientResult(message=f"update {client_id}", report=None, seconds=0.0)
+
+    engine = SequentialEngine()
+    engine.start(Runtime())
+    out = engine.run_round(None, round_idx=0, messages={3: "m3", 1: "m1"},
+                           receive=lambda cid, m: (events.append(("down", cid, m)), m)[1],
+                           deliver=lambda cid, res: events.append(("up", cid, res.message)))
+    assert events == [("down", 3, "m3"), ("train", 3, "m3"), ("up", 3, "update 3"),
+                      ("down", 1, "m1"), ("train", 1, "m1"), ("up", 1, "update 1")]
+    assert list(out) == [3, 1]

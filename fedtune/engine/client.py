@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 # the channel's download for one client: (client_id, message as sent) -> the client's decoded copy
 Receive = Callable[[int, Message], Message]
+# the uplink: called with each finished update as soon as it is done; takes the result's message
+Deliver = Callable[[int, "ClientResult"], None]
 
 
 @dataclass
@@ -46,7 +48,7 @@ class LocalConfig:
 class ClientResult:
     """A finished local update: the message to send up plus instrumentation."""
 
-    message: Message
+    message: Message | None  # None once the uplink has taken it
     report: TrainResult | None
     seconds: float
 

@@ -58,7 +58,7 @@ from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:  # (peft and transformers load with these: importing this module stays light)
-    from fedtune.engine.client import ClientResult, ClientRuntime, Receive
+    from fedtune.engine.client import ClientResult, ClientRuntime, Deliver, Receive
     from fedtune.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
@@ -248,10 +248,11 @@ class ParallelEngine:
         return num_workers
 
     def run_round(self, strategy: Strategy, *, round_idx: int, messages: dict[int, Message],
-                  receive: Receive | None = None) -> dict[int, ClientResult]:
+                  receive: Receive | None = None, deliver: Deliver | None = None) -> dict[int, ClientResult]:
         """The round's clients on the workers; results in the order of ``messages``.
 
-        ``receive(client_id, message)`` (the channel's download) is applied to every message first.
+        ``receive(client_id, message)`` (the channel's download) is applied to every message first;
+        ``deliver(client_id, result)`` (the uplink) to every result as the round's results come back.
 
         ``strategy`` is rank 0's; each worker runs its own, set up from the same config (so
         ``local_update`` may read only what ``setup`` set, and the message). A strategy whose
@@ -262,8 +263,12 @@ class ParallelEngine:
         if receive is not None:
             messages = {cid: receive(cid, msg) for cid, msg in messages.items()}
         if getattr(strategy, "server_in_the_loop", False):
-            return {cid: self.runtime.run(strategy, round_idx=round_idx, client_id=cid, message=msg)
-                    for cid, msg in messages.items()}
+            out = {}
+            for cid, msg in messages.items():
+                out[cid] = self.runtime.run(strategy, round_idx=round_idx, client_id=cid, message=msg)
+                if deliver is not None:
+                    deliver(cid, out[cid])
+            return out
         store, shards = self.runtime.store, self.runtime.shards
         sizes = {cid: sum(len(shards[c]) for c in (msg.pool or (cid,))) for cid, msg in messages.items()}
         plan = {rank: cids for rank, cids in zip(self.ranks, assign_clients(sizes, len(self.ranks))) if cids}
@@ -279,6 +284,8 @@ class ParallelEngine:
             live.update(entry)
             store.put(cid, live)
             self.runtime.channel.transfers.extend(transfers)
+            if deliver is not None:
+                deliver(cid, result)
             out[cid] = result
         return out
 

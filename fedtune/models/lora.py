@@ -8,6 +8,7 @@ tensors that share memory with the live model, and a payload must never alias th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -89,8 +90,14 @@ def set_trainable_state(model: torch.nn.Module, state: State) -> None:
             param.copy_(state[name])
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit tensor packs two per byte (its quant_state has the shape)."""
+    state = getattr(p, "quant_state", None)
+    return int(math.prod(state.shape)) if state is not None and getattr(state, "shape", None) else p.numel()
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts, 4-bit weights counted as the weights they encode."""
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     return trainable, total

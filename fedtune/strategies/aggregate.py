@@ -32,6 +32,31 @@ def weighted_sum(states: Sequence[State], coeffs: Sequence[float]) -> State:
     return out
 
 
+class RunningSum:
+    """sum_i w_i * state_i / sum_i w_i, folded in one state at a time (float64 accumulators), so a
+    server holds one accumulator instead of every client's update until the round ends."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, state: State, weight: float) -> None:
+        if not self.acc:
+            self.acc = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
+            self.dtypes = {k: v.dtype for k, v in state.items()}
+        assert state.keys() == self.acc.keys(), sorted(set(state) ^ set(self.acc))[:5]
+        for key, value in state.items():
+            self.acc[key] += value.to(torch.float64) * weight
+        self.total += float(weight)
+        self.count += 1
+
+    def mean(self) -> State:
+        assert self.count and self.total > 0, (self.count, self.total)
+        return {k: (a / self.total).to(self.dtypes[k]) for k, a in self.acc.items()}
+
+
 def subtract(a: State, b: State) -> State:
     """a - b, key by key."""
     assert a.keys() == b.keys()

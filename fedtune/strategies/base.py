@@ -7,6 +7,7 @@ channel, the engine, logging or checkpoint files. Per round the runner calls::
     ... channel down ...
     reply = strategy.local_update(client, message)             # client side, per client
     ... channel up ...
+    reply = strategy.fold(round_idx, client_id, reply)         # server side, as each reply arrives
     metrics = strategy.aggregate(round_idx, replies)           # server side
 
 ``local_update`` must not modify the strategy object (it may run in a worker process); client-side
@@ -23,7 +24,7 @@ from fedtune.engine.schedule import Schedule
 from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
 from fedtune.models.lora import State
-from fedtune.strategies.aggregate import client_weights
+from fedtune.strategies.aggregate import RunningSum, client_weights
 
 if TYPE_CHECKING:
     from fedtune.data.schema import Splits
@@ -66,6 +67,13 @@ class Strategy:
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         raise NotImplementedError
 
+    def fold(self, round_idx: int, client_id: int, reply: Message) -> Message:
+        """Each reply as it arrives on the server (after the uplink; non-finite ones never get here),
+        before the schedule holds it for ``aggregate``. A strategy that aggregates as a running sum
+        consumes the tensors here and returns the reply without them, so the server holds one
+        accumulator, not every client's update. Default: keep the reply whole."""
+        return reply
+
     def aggregation_weights(self, replies: list[Message]) -> list[float]:
         """Per-reply coefficients: ``self.weighting`` (examples or uniform) normalised to sum 1, times
         each reply's staleness factor (1 for fresh updates, so they still sum to 1 in sync rounds;
@@ -97,3 +105,30 @@ def persistent_local_update(client: ClientContext, initial: State) -> Message:
     client.train(keep_optimizer=True)
     client.state["trainable"] = client.get_trainable()
     return Message()
+
+
+class StreamingMean:
+    """Mixin for strategies whose sync aggregate is the weighted mean of the replies (FedAvg's states,
+    GradualDiff's deltas): ``fold`` adds each reply to a running sum as it arrives and drops its
+    tensors; ``folded_mean`` returns the mean at aggregation. Other schedules keep replies whole
+    (stale updates are weighted when they are aggregated, not when they arrive)."""
+
+    _running: RunningSum | None = None
+
+    def fold(self, round_idx: int, client_id: int, reply: Message) -> Message:
+        if self.schedule.mode != "sync":
+            return reply
+        if self._running is None:
+            self._running = RunningSum()
+        n = reply.meta["num_examples"]
+        self._running.add(reply.tensors, client_weights([n], weighting=self.weighting)[0])
+        return Message(tensors={}, meta={**reply.meta, "folded": True}, pool=reply.pool)
+
+    def folded_mean(self, messages: dict[int, Message]) -> State | None:
+        """The weighted mean of this round's folded replies (None when nothing was folded)."""
+        folded = sum(bool(m.meta.get("folded")) for m in messages.values())
+        if not folded:
+            return None
+        running, self._running = self._running, None
+        assert running is not None and folded == len(messages) == running.count, (folded, len(messages))
+        return running.mean()

@@ -12,10 +12,10 @@ from fedtune.comm.channel import Message
 from fedtune.engine.client import ClientContext
 from fedtune.engine.schedule import Schedule
 from fedtune.strategies.aggregate import weighted_sum
-from fedtune.strategies.base import Strategy, check_weighting
+from fedtune.strategies.base import Strategy, StreamingMean, check_weighting
 
 
-class FedAvg(Strategy):
+class FedAvg(StreamingMean, Strategy):
     def __init__(self, *, weighting: str = "examples", mode: str = "sync", **schedule) -> None:
         self.weighting = check_weighting(weighting)
         self.schedule = Schedule(mode=mode, **schedule)
@@ -29,6 +29,10 @@ class FedAvg(Strategy):
         return Message(tensors=client.get_trainable(), meta={"num_examples": result.num_examples})
 
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
+        mean = self.folded_mean(messages)  # sync rounds: folded reply by reply as they arrived
+        if mean is not None:
+            self.global_state = mean
+            return {}
         replies = list(messages.values())
         weights = self.aggregation_weights(replies)
         # sum_i a_i theta_i + (1 - sum_i a_i) theta_g: plain FedAvg when every update is fresh (sum a = 1);

@@ -15,10 +15,10 @@ from fedtune.engine.client import ClientContext
 from fedtune.engine.schedule import Schedule
 from fedtune.errors import ConfigError
 from fedtune.strategies.aggregate import add_scaled, subtract, weighted_sum
-from fedtune.strategies.base import Strategy, check_weighting
+from fedtune.strategies.base import Strategy, StreamingMean, check_weighting
 
 
-class GradualDiff(Strategy):
+class GradualDiff(StreamingMean, Strategy):
     def __init__(self, *, server_lr: float = 1.0, weighting: str = "uniform", mode: str = "sync", **schedule) -> None:
         if server_lr <= 0:
             raise ConfigError(f"strategy.server_lr={server_lr}: must be > 0 (the paper uses 1.0)")
@@ -36,8 +36,9 @@ class GradualDiff(Strategy):
         return Message(tensors=delta, meta={"num_examples": result.num_examples})
 
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
-        replies = list(messages.values())
-        weights = self.aggregation_weights(replies)
-        mean_delta = weighted_sum([m.tensors for m in replies], weights)
+        mean_delta = self.folded_mean(messages)  # sync rounds: folded reply by reply as they arrived
+        if mean_delta is None:
+            replies = list(messages.values())
+            mean_delta = weighted_sum([m.tensors for m in replies], self.aggregation_weights(replies))
         self.global_state = add_scaled(self.global_state, mean_delta, self.server_lr)
         return {}
