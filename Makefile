@@ -67,9 +67,11 @@ replicate-gradualdiff: install ## GradualDiff-Fed, full scale (Llama-2-7B nf4, h
 	$(BIN)/fedtune -m experiment=gradualdiff_loss_time $(call data_path,counsel_chat) strategy=fedavg lora.enabled=false quant=none local.lr=2e-5 seed=0 hydra.sweep.dir=$(D)/full $(FULL_ARGS)
 	$(BIN)/python scripts/report.py $(D) --out $(D)/report
 
+# KD's knobs go on its own multirun (fedavg and split have no public set); the smoke halves its server distillation.
 replicate-comparison-smoke: install ## framework comparison, CPU smoke (~20 min): fedavg vs kd vs split on Banking77, rank and split sweeps
 	$(eval D := $(REPLICATION_DIR)/comparison-smoke/$(STAMP))
-	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=fedavg,kd,split seed=0,1 hydra.sweep.dir=$(D)/main $(SMOKE_ARGS)
+	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=fedavg,split seed=0,1 hydra.sweep.dir=$(D)/main $(SMOKE_ARGS)
+	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=kd strategy.public_samples=64 strategy.server_kd_steps=10 seed=0,1 hydra.sweep.dir=$(D)/kd $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=fedavg lora.r=4,8,16 num_rounds=1 seed=0 hydra.sweep.dir=$(D)/rank $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=split strategy.split_layer=1,8,15 num_rounds=1 seed=0 hydra.sweep.dir=$(D)/split $(SMOKE_ARGS)
 	$(BIN)/python scripts/report.py $(D) --out $(D)/report
