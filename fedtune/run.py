@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +250,7 @@ def _evaluate(cfg, states, model, tokenizer, task, device) -> dict[str, float]:
     return out
 
 
-def _save_adapters(model: torch.nn.Module, states: dict[str, Any], folder: Path) -> None:
+def _save_adapters(model: torch.nn.Module, states: Mapping[str, Any], folder: Path) -> None:
     """The final trainable state(s) via ``save_pretrained`` (peft adapter, or the full model)."""
     for name, state in states.items():
         set_trainable_state(model, state)

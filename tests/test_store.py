@@ -23,3 +23,24 @@ def test_spills_least_recently_used_and_restores_exactly(tmp_path):
 def test_run_spills_with_a_small_limit(run_fedtune):
     summary, out = run_fedtune("strategy=local", "num_clients=3", "store.max_memory_mb=0.5")
     assert list((out / "client_store").glob("client_*.pt"))  # adapters + AdamW of 3 clients > 0.5 MB
+
+
+def test_local_evaluates_clients_one_at_a_time_from_a_spilling_store(tmp_path):
+    """The local baseline's eval states are read from the store on access: with the store's limit at
+    two entries, walking 6 clients never holds more than the limit plus the one being evaluated."""
+    from fedtune.strategies.local import Local
+
+    store = ClientStore(max_memory_bytes=2 * 4000, spill_dir=tmp_path)
+    for c in range(6):
+        store.put(c, {"trainable": {"w": torch.full((1000,), float(c))}})
+    strategy = Local()
+    strategy.setup(initial_state={"w": torch.zeros(1000)}, num_clients=6)
+    states = strategy.eval_states(store)
+    assert list(states) == [f"client{c}" for c in range(6)] and len(states) == 6
+    for name, state in states.items():
+        assert torch.equal(state["w"], torch.full((1000,), float(name[len("client"):])))
+        assert store.memory_bytes() <= 8000  # the store spilled another entry to make room
+    assert "client9" not in states and "global" not in states
+    store.put(0, {"trainable": {"w": torch.full((1000,), 7.0)}})  # read on access, not copied up front
+    assert torch.equal(states["client0"]["w"], torch.full((1000,), 7.0))
+    assert Local().eval_states.__func__(strategy, ClientStore()) == {"global": strategy.global_state}

@@ -61,6 +61,9 @@ class ClientStore:
     def put(self, client_id: int, state: dict[str, Any]) -> None:
         if not state:
             return
+        if client_id in self._on_disk:  # a newer state replaces the spilled one
+            self._on_disk.discard(client_id)
+            self._path(client_id).unlink(missing_ok=True)
         self._memory[client_id] = state
         self._memory.move_to_end(client_id)
         self._sizes[client_id] = _nbytes(state)

@@ -17,6 +17,7 @@ runner evaluates.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fedtune.comm.channel import Message
@@ -82,7 +83,7 @@ class Strategy:
         total = sum(base)
         return [w / total * f for w, f in zip(base, self.schedule.weights(replies))]
 
-    def eval_states(self, store: ClientStore) -> dict[str, State]:
+    def eval_states(self, store: ClientStore) -> Mapping[str, State]:
         """Named trainable states to evaluate; one called ``global`` for federated strategies."""
         return {"global": self.global_state}
 

@@ -6,6 +6,8 @@ client's model on the global eval split and their mean. 0 bytes each way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from fedtune.comm.channel import Message
 from fedtune.engine.client import ClientContext
 from fedtune.engine.store import ClientStore
@@ -23,6 +25,27 @@ class Local(Strategy):
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         return {}
 
-    def eval_states(self, store: ClientStore) -> dict[str, State]:
-        states = {f"client{cid}": store.get(cid)["trainable"] for cid in store.ids() if "trainable" in store.get(cid)}
-        return states or {"global": self.global_state}
+    def eval_states(self, store: ClientStore) -> Mapping[str, State]:
+        states = ClientStates(store)
+        return states if len(states) else {"global": self.global_state}
+
+
+class ClientStates(Mapping):
+    """``client<i>`` -> client i's trained state, read from the client store when asked: evaluating or
+    saving 100 clients holds one of them at a time beyond the store's own budget (which spills to disk)."""
+
+    def __init__(self, store: ClientStore) -> None:
+        self.store = store
+        self.ids = store.ids()  # every entry a local update wrote holds "trainable"
+
+    def __getitem__(self, name: str) -> State:
+        cid = int(name[len("client"):]) if name.startswith("client") and name[len("client"):].isdigit() else None
+        if cid not in self.ids:
+            raise KeyError(name)
+        return self.store.get(cid)["trainable"]
+
+    def __iter__(self) -> Iterator[str]:
+        return (f"client{cid}" for cid in self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
