@@ -86,7 +86,7 @@ replicate-comparison: install ## framework comparison, full scale (GPT-2, 3 x 1,
 # FedCyBGD trains ONE client per round: num_clients x the FedAvg rounds gives every arm the same client updates.
 replicate-fedcybgd-smoke: install ## FedCyBGD, CPU smoke (~20 min): fedcybgd vs full-param and LoRA FedAvg on SST-2
 	$(eval D := $(REPLICATION_DIR)/fedcybgd-smoke/$(STAMP))
-	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedcybgd strategy.num_blocks=3 num_rounds=18 eval.every=3 seed=0 hydra.sweep.dir=$(D)/fedcybgd $(SMOKE_ARGS)
+	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedcybgd strategy.num_blocks=3 num_rounds=18 eval.every=6 seed=0 hydra.sweep.dir=$(D)/fedcybgd $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedavg lora.enabled=false seed=0 hydra.sweep.dir=$(D)/full $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedavg local.lr=1e-3 seed=0 hydra.sweep.dir=$(D)/lora $(SMOKE_ARGS)
 	$(BIN)/python scripts/report.py $(D) --out $(D)/report
