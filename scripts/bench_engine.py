@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 
 import psutil
+from benchlib import child_env
 
 ENGINES = {
     "sequential, 2 threads": ["engine=sequential", "threads=2"],
@@ -53,7 +54,7 @@ def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
 def run_one(overrides: list[str]) -> dict:
     """One fedtune command; its start-up, rounds and peak process-tree memory."""
     out = Path(tempfile.mkdtemp()) / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env = child_env()
     cmd = [sys.executable, "-m", "fedtune", *overrides, f"hydra.run.dir={out}"]
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     proc, peak_rss, peak_pss = psutil.Process(child.pid), 0, 0

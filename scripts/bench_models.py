@@ -24,11 +24,12 @@ import subprocess
 import sys
 import tempfile
 
+from benchlib import child_env
+
 CHILD = r"""
 import json, sys, time
 t_import = time.perf_counter()
 import torch
-from omegaconf import OmegaConf
 from fedtune.config import build, compose_config, to_container
 from fedtune.data.sources import load_splits
 from fedtune.data.tasks import corpus
@@ -73,10 +74,9 @@ def say(line: str = "") -> None:
 
 
 def run_row(model: str, quant: str, args: argparse.Namespace, *, cache: str) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "FEDTUNE_CACHE": cache}
     out = subprocess.run([sys.executable, "-c", CHILD, model, quant, str(args.steps), str(args.batch), str(args.seq),
-                          str(args.threads)], check=True, env=env, capture_output=True, text=True)
+                          str(args.threads)], check=True, env=child_env(FEDTUNE_CACHE=cache), capture_output=True,
+                         text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -20,10 +20,15 @@ run(compose_config(sys.argv[2:]), out_dir=out)
 """
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """A benchmark child's environment: this one, offline (no hub retries), no W&B."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", **extra}
+
+
 def run_child(overrides: list[str]) -> tuple[list[dict], int]:
     """(metrics rows, peak RSS in bytes) of one run in its own process."""
     out = Path(tempfile.mkdtemp()) / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env = child_env()
     subprocess.run([sys.executable, "-c", CHILD, str(out), "logger=none", *overrides], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -158,68 +158,61 @@ def _m(arms: dict[str, dict[str, Agg]], arm: str, key: str) -> float | None:
     return None if a is None or math.isnan(a.mean) else a.mean
 
 
+def _claim(key: str, names: list[str], judge: Callable[[list[float]], tuple[bool, str]]) -> Claim:
+    """A claim over the arms' means of ``key``: not measured when one is missing, else ``judge(means)``
+    -> (holds, our numbers as text)."""
+    def check(arms):
+        values = [_m(arms, a, key) for a in names]
+        missing = [a for a, v in zip(names, values) if v is None]
+        if missing:
+            return "not measured", "missing: " + ", ".join(missing)
+        holds, ours = judge(values)
+        return ("agrees" if holds else "disagrees"), ours
+    return check
+
+
 def ordered(key: str, arms_order: list[str], *, descending: bool = False, spec: str = "{:.3g}") -> Claim:
     """means strictly increase (or decrease) along arms_order, as the claim is written."""
-    def check(arms):
-        values = [_m(arms, a, key) for a in arms_order]
-        if any(v is None for v in values):
-            return "not measured", "missing: " + ", ".join(a for a, v in zip(arms_order, values) if v is None)
-        ok = all((x > y) if descending else (x < y) for x, y in zip(values, values[1:]))
-        return ("agrees" if ok else "disagrees"), ", ".join(f"{a} {spec.format(v)}" for a, v in zip(arms_order, values))
-    return check
+    return _claim(key, arms_order, lambda v: (
+        all((x > y) if descending else (x < y) for x, y in zip(v, v[1:])),
+        ", ".join(f"{a} {spec.format(x)}" for a, x in zip(arms_order, v))))
 
 
 def extreme(key: str, arm: str, others: list[str], *, lowest: bool, spec: str = "{:.3g}") -> Claim:
     """arm's mean is the lowest (or highest) of arm + others."""
-    def check(arms):
-        names = [arm, *others]
-        values = [_m(arms, a, key) for a in names]
-        if any(v is None for v in values):
-            return "not measured", "missing: " + ", ".join(a for a, v in zip(names, values) if v is None)
-        ok = all((values[0] < v) if lowest else (values[0] > v) for v in values[1:])
-        return ("agrees" if ok else "disagrees"), ", ".join(f"{a} {spec.format(v)}" for a, v in zip(names, values))
-    return check
+    names = [arm, *others]
+    return _claim(key, names, lambda v: (
+        all((v[0] < x) if lowest else (v[0] > x) for x in v[1:]),
+        ", ".join(f"{a} {spec.format(x)}" for a, x in zip(names, v))))
 
 
 def reduction(key: str, arm: str, base: str, *, spec: str = "{:.3g}") -> Claim:
     """arm's mean below base's; reports the relative reduction."""
-    def check(arms):
-        a, b = _m(arms, arm, key), _m(arms, base, key)
-        if a is None or b is None or b == 0:
-            return "not measured", f"{arm} or {base} missing"
-        return ("agrees" if a < b else "disagrees"), f"{arm} {spec.format(a)} vs {base} {spec.format(b)} ({(a - b) / b:+.1%})"
-    return check
+    def judge(v):
+        a, b = v
+        change = f"{(a - b) / b:+.1%}" if b else "n/a"
+        return a < b, f"{arm} {spec.format(a)} vs {base} {spec.format(b)} ({change})"
+    return _claim(key, [arm, base], judge)
 
 
 def close(key: str, arm: str, base: str, *, spec: str = "{:.3g}") -> Claim:
     """arm's mean within CLOSE_REL (or CLOSE_ABS[key]) of base's."""
-    def check(arms):
-        a, b = _m(arms, arm, key), _m(arms, base, key)
-        if a is None or b is None:
-            return "not measured", f"{arm} or {base} missing"
-        ok = abs(a - b) <= max(CLOSE_REL * abs(b), CLOSE_ABS.get(key, 0.0))
+    def judge(v):
+        a, b = v
         diff = f"{a - b:+.2f}" if key in CLOSE_ABS else f"{(a - b) / b:+.1%}" if b else "n/a"
-        return ("agrees" if ok else "disagrees"), f"{arm} {spec.format(a)} vs {base} {spec.format(b)} ({diff})"
-    return check
+        return abs(a - b) <= max(CLOSE_REL * abs(b), CLOSE_ABS.get(key, 0.0)), \
+            f"{arm} {spec.format(a)} vs {base} {spec.format(b)} ({diff})"
+    return _claim(key, [arm, base], judge)
 
 
 def within(key: str, arm: str, base: str, points: float) -> Claim:
     """arm's mean at least base's minus ``points``."""
-    def check(arms):
-        a, b = _m(arms, arm, key), _m(arms, base, key)
-        if a is None or b is None:
-            return "not measured", f"{arm} or {base} missing"
-        return ("agrees" if a >= b - points else "disagrees"), f"{arm} {a:.3f} vs {base} {b:.3f} ({a - b:+.3f})"
-    return check
+    return _claim(key, [arm, base], lambda v: (v[0] >= v[1] - points, f"{arm} {v[0]:.3f} vs {base} {v[1]:.3f} "
+                                                                    f"({v[0] - v[1]:+.3f})"))
 
 
 def at_least(key: str, arm: str, base: str) -> Claim:
-    def check(arms):
-        a, b = _m(arms, arm, key), _m(arms, base, key)
-        if a is None or b is None:
-            return "not measured", f"{arm} or {base} missing"
-        return ("agrees" if a >= b else "disagrees"), f"{arm} {a:.3f} vs {base} {b:.3f}"
-    return check
+    return _claim(key, [arm, base], lambda v: (v[0] >= v[1], f"{arm} {v[0]:.3f} vs {base} {v[1]:.3f}"))
 
 
 PAPERS: dict[str, dict[str, Any]] = {

@@ -36,16 +36,13 @@ class ClientStates(Mapping):
 
     def __init__(self, store: ClientStore) -> None:
         self.store = store
-        self.ids = store.ids()  # every entry a local update wrote holds "trainable"
+        self.ids = {f"client{cid}": cid for cid in store.ids()}  # every entry a local update wrote holds "trainable"
 
     def __getitem__(self, name: str) -> State:
-        cid = int(name[len("client"):]) if name.startswith("client") and name[len("client"):].isdigit() else None
-        if cid not in self.ids:
-            raise KeyError(name)
-        return self.store.get(cid)["trainable"]
+        return self.store.get(self.ids[name])["trainable"]
 
     def __iter__(self) -> Iterator[str]:
-        return (f"client{cid}" for cid in self.ids)
+        return iter(self.ids)
 
     def __len__(self) -> int:
         return len(self.ids)
