@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(folder: Path, round_idx: int, state: dict[str, Any], *, keep_last: int) -> Path:
-    """Write ``round_XXXXX.pt`` (temp file, fsync, rename), point ``latest`` at it, prune old ones."""
+def save(folder: Path, round_idx: int, state: dict[str, Any], *, keep_last: int, store: Any = None) -> Path:
+    """Write ``round_XXXXX.pt`` (temp file, fsync, rename), point ``latest`` at it, prune old ones.
+
+    With a client ``store``, its spilled entries go next to it as files (``round_XXXXX.store/``, hard
+    links to the spill files) instead of being loaded into the checkpoint, so checkpointing keeps the
+    store's memory limit; ``state["store"]`` is set from it.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round_{round_idx:05d}.pt"
+    if store is not None:
+        side = path.with_suffix(".store")
+        shutil.rmtree(side, ignore_errors=True)
+        state = {**state, "store": store.state_dict(spill_to=side)}
+        if state["store"]["spill_dir"] is not None:
+            state["store"]["spill_dir"] = side.name  # relative to the checkpoint folder
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:
         torch.save({"round_idx": round_idx, **state}, f)
@@ -51,6 +63,10 @@ def save(folder: Path, round_idx: int, state: dict[str, Any], *, keep_last: int)
     os.replace(pointer, folder / LATEST)
     for old in sorted(folder.glob("round_*.pt"))[:-keep_last] if keep_last > 0 else []:
         old.unlink()
+    kept = {p.stem for p in folder.glob("round_*.pt")}
+    for side in folder.glob("round_*.store"):
+        if side.stem not in kept:
+            shutil.rmtree(side, ignore_errors=True)
     return path
 
 
