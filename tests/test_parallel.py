@@ -40,21 +40,32 @@ def test_assign_clients_balances_by_shard_size():
     assert assign_clients({0: 3}, 3) == [[0], [], []]
 
 
-@pytest.mark.parametrize("bad", ["workers=0", "workers=two", "backend=mpi", "timeout_s=0", "threads=-1"])
+@pytest.mark.parametrize("bad", ["workers=0", "workers=two", "timeout_s=0", "threads=-1"])
 def test_bad_knobs_are_config_errors(bad):
     key, value = bad.split("=")
     with pytest.raises(ConfigError, match=f"engine.{key}"):
         ParallelEngine(**{key: int(value) if value.lstrip("-").isdigit() else value})
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "local", "split"])
-def test_parallel_equals_sequential(run_fedtune, strategy):
+def test_backend_is_not_a_knob():
+    # Workers always talk gloo (pickled CPU tensors, point to point): there is no NCCL path to choose.
+    with pytest.raises(TypeError):
+        ParallelEngine(backend="nccl")
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "local"])
+def test_parallel_equals_sequential(run_fedtune, strategy, monkeypatch):
     # 3 clients on 2 workers: one worker runs two clients back to back; `local` moves each client's
-    # persistent adapter and AdamW state through rank 0's store and back every round; `split` (server
-    # in the loop) runs on rank 0, its per-batch activations and gradients counted there.
+    # persistent adapter and AdamW state through rank 0's store and back every round.
+    from fedtune.engine.client import ClientRuntime
+
     common = (f"strategy={strategy}", "num_clients=3", "seed=7")
     seq = read_metrics(run_fedtune(*common)[1])
+    calls = []  # rank 0's runtime must run no client update: the workers do
+    real_run = ClientRuntime.run
+    monkeypatch.setattr(ClientRuntime, "run", lambda self, *a, **k: calls.append(k) or real_run(self, *a, **k))
     par = read_metrics(run_fedtune(*common, *PARALLEL)[1])
+    assert calls == []
     assert len(seq) == len(par) == 2
     for s, p in zip(seq, par):
         keys = {k for k in s if not k.startswith(NOT_COMPARED)}
@@ -64,6 +75,19 @@ def test_parallel_equals_sequential(run_fedtune, strategy):
                 assert p[k] == s[k], k  # measured bytes: exactly equal
             else:
                 assert p[k] == pytest.approx(s[k], rel=1e-5, abs=1e-7), k
+    assert not _worker_processes()
+
+
+def test_split_under_parallel_runs_on_rank_0(run_fedtune):
+    # Split learning's server computes during every update, so engine=parallel starts NO workers and
+    # runs the updates in the server process, one after another (the same code path as sequential):
+    # the metrics equal sequential's and nothing was forked.
+    common = ("strategy=split", "num_clients=3", "seed=7")
+    seq = read_metrics(run_fedtune(*common)[1])
+    par = read_metrics(run_fedtune(*common, *PARALLEL)[1])
+    for s, p in zip(seq, par, strict=True):
+        assert {k: v for k, v in s.items() if not k.startswith(NOT_COMPARED)} == \
+            {k: v for k, v in p.items() if not k.startswith(NOT_COMPARED)}
     assert not _worker_processes()
 
 

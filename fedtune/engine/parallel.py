@@ -156,8 +156,6 @@ class ParallelEngine:
     Args:
         workers: ``auto`` (one per visible CUDA device; on CPU min(cores, clients per round, 8))
             or a number. Under torchrun: the other ranks (world size - 1).
-        backend: ``auto`` | ``gloo`` | ``nccl``. Payloads always cross as pickled CPU tensors on
-            gloo; ``nccl`` (auto with CUDA workers) adds an NCCL backend for device tensors.
         threads: torch threads per worker; ``auto`` = cores // workers on the worker's node
             (workers x threads = cores).
         master_port: rank 0's TCP port on 127.0.0.1; 0 picks a free one. Ignored under torchrun.
@@ -165,18 +163,16 @@ class ParallelEngine:
             Dead workers are detected at once either way; this catches hung ones.
     """
 
-    def __init__(self, *, workers: str | int = "auto", backend: str = "auto", threads: str | int = "auto",
+    def __init__(self, *, workers: str | int = "auto", threads: str | int = "auto",
                  master_port: int = 0, timeout_s: float | None = 3600.0) -> None:
         for key, value in (("workers", workers), ("threads", threads)):
             if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ConfigError(f"engine.{key}={value}: must be auto or an integer >= 1")
-        if backend not in ("auto", "gloo", "nccl"):
-            raise ConfigError(f"engine.backend={backend}: choose auto, gloo or nccl")
         if not (isinstance(master_port, int) and 0 <= master_port < 65536):
             raise ConfigError(f"engine.master_port={master_port}: must be 0 (any free port) or a TCP port")
         if timeout_s is not None and not timeout_s > 0:
             raise ConfigError(f"engine.timeout_s={timeout_s}: must be > 0 seconds (or null for no limit)")
-        self.workers, self.backend, self.threads = workers, backend, threads
+        self.workers, self.threads = workers, threads
         self.master_port, self.timeout_s = master_port, timeout_s
         self.runtime: ClientRuntime | None = None
         self.ranks: list[int] = []
@@ -216,7 +212,7 @@ class ParallelEngine:
 
     def _init_group(self, cfg: DictConfig, *, cuda: bool) -> int:
         """Join torchrun's group, or start N workers on this node; returns the number of workers."""
-        backend = "cpu:gloo,cuda:nccl" if self.backend == "nccl" or (self.backend == "auto" and cuda) else "gloo"
+        backend = "gloo"  # every rank: what crosses is pickled CPU tensors, point to point (module docstring)
         if under_torchrun():
             world_size = int(os.environ["WORLD_SIZE"])
             assert os.environ["RANK"] == "0", "under torchrun, ranks > 0 must call serve_torchrun_worker()"
