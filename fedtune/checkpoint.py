@@ -10,6 +10,7 @@ from (seed, round, client), so restoring these and starting at the next round is
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,7 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtune.errors import ConfigError
+
 LATEST = "latest"
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict[str, Any]:
@@ -71,12 +75,34 @@ def save(folder: Path, round_idx: int, state: dict[str, Any], *, keep_last: int,
 
 
 def load(folder: Path) -> dict[str, Any] | None:
-    """The latest complete checkpoint in ``folder``, or None."""
+    """The newest readable checkpoint in ``folder``, or None when there is none at all.
+
+    ``latest`` names the newest one; when it is malformed, or the file it names is truncated or
+    corrupted, the older checkpoints ``keep_last`` kept are tried newest first, with a warning naming
+    each unreadable file. Checkpoints exist but none is readable: a ConfigError (one line).
+    """
     pointer = folder / LATEST
-    if not pointer.exists():
+    candidates = sorted(folder.glob("round_*.pt"), reverse=True) if folder.is_dir() else []
+    if not pointer.exists() and not candidates:
         return None
-    name = json.loads(pointer.read_text())["file"]
-    return torch.load(folder / name, weights_only=False)
+    try:
+        named = folder / json.loads(pointer.read_text())["file"]
+        candidates = [named, *(c for c in candidates if c != named)]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s is unreadable (%s); trying the checkpoint files themselves", pointer,
+                    type(err).__name__)
+    for path in candidates:
+        try:
+            state = torch.load(path, weights_only=False)
+            if not isinstance(state, dict) or "round_idx" not in state:
+                raise ValueError("not a fedtune checkpoint")
+        except Exception as err:  # noqa: BLE001 - any unreadable file: fall back to an older one
+            log.warning("checkpoint %s is unreadable (%s: %s); trying an older one", path, type(err).__name__,
+                        " ".join(str(err).split())[:120])
+            continue
+        return state
+    raise ConfigError(f"resume={folder.parent}: no readable checkpoint in {folder} "
+                      f"({', '.join(p.name for p in candidates) or 'none'} unreadable); start a new run")
 
 
 def truncate_metrics(path: Path, *, last_round: int) -> int:

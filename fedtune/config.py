@@ -54,6 +54,13 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "checkpoint.every", strict=False)
     _positive(cfg, "checkpoint.keep_last")
     _positive(cfg, "clients.flops_per_s")
+    from fedtune.comm.codec import make_codec  # a bad codec spec stops here, before any folder exists
+
+    for direction in ("up", "down"):
+        make_codec(cfg.comm[direction], key=f"comm.{direction}")
+    threads = cfg.get("threads")
+    _require(threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1),
+             f"threads={threads}: must be an integer >= 1 (torch CPU threads), or null for all cores")
     for key in ("local.batch_size", "local.max_seq_len", "eval.every", "eval.bleu_samples", "checkpoint.every",
                 "checkpoint.keep_last"):
         value = OmegaConf.select(cfg, key)

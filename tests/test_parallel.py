@@ -134,3 +134,15 @@ def test_two_nodes_under_torchrun(run_fedtune, tmp_path):
         assert p["comm/total_bytes"] == s["comm/total_bytes"]
         assert p["eval/loss"] == pytest.approx(s["eval/loss"], rel=1e-5)
         assert p["train/loss"] == pytest.approx(s["train/loss"], rel=1e-5)
+
+
+def test_killed_worker_is_one_line_exit_3(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fedtune", *FAST, *PARALLEL, "strategy._target_=parallel_faults.FailingFedAvg",
+                                      "+strategy.how=kill"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 3, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("fedtune: error: worker ") and "exited with code -9" in err

@@ -176,6 +176,11 @@ def make_codec(spec: str, *, key: str = "comm", seed: int = 0) -> Codec:
         elif sparse is not None and second is not None:
             codec = sparse if isinstance(second, Identity) else Compose(sparse, second)
     if codec is None:
+        for part in (first, rest):
+            m = _SPARSE.fullmatch(part)
+            if m is not None and not 0 < Fraction(m[2]) <= 1:
+                raise ConfigError(f"{key}={spec}: the {m[1]} fraction {m[2]} must be in (0, 1] (the share of "
+                                  f"each tensor's values sent, e.g. {m[1]}0.01 sends 1%)")
         raise ConfigError(f"{key}={spec}: unknown codec; use {GRAMMAR}")
     codec.name = text if not isinstance(codec, Identity) else codec.name
     return codec

@@ -55,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedtune.comm.channel import Message
 from fedtune.engine.store import ClientStore
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, WorkerError
 
 if TYPE_CHECKING:  # (peft and transformers load with these: importing this module stays light)
     from fedtune.engine.client import ClientResult, ClientRuntime, Deliver, Receive
@@ -205,7 +205,7 @@ class ParallelEngine:
         for rank, (_, theirs) in ready.items():
             if not _same_world(mine, theirs):
                 self._failed = True
-                raise RuntimeError(f"worker {rank} built a different world than rank 0 (partition or initial "
+                raise WorkerError(f"worker {rank} built a different world than rank 0 (partition or initial "
                                    "weights differ): does every process read the same data the same way?")
         log.info("parallel engine: %d workers: %s", num_workers,
                  ", ".join(f"{info['device']} x {info['threads']} threads" for _, info in ready.values()))
@@ -238,7 +238,7 @@ class ParallelEngine:
         while not store.check(keys):
             self._check_alive("while starting")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the workers did not start within engine.timeout_s={self.timeout_s} s")
+                raise WorkerError(f"the workers did not start within engine.timeout_s={self.timeout_s} s")
             time.sleep(0.01)
         dist.init_process_group(backend, store=store, rank=0, world_size=num_workers + 1, timeout=_FOREVER)
         return num_workers
@@ -299,7 +299,7 @@ class ParallelEngine:
             replies, error = {}, None
             for rank, msg in _calls({r: partial(_recv_obj, r) for r in recv_from}, watch=watch, deadline=deadline):
                 if msg[0] == "error":
-                    error = error or (ConfigError(msg[1]) if msg[2] else RuntimeError(msg[1]))
+                    error = error or (ConfigError(msg[1]) if msg[2] else WorkerError(msg[1]))
                     if not under_torchrun():  # close() terminates the others; torchrun's ranks must finish
                         break
                 replies[rank] = msg
@@ -308,7 +308,7 @@ class ParallelEngine:
             return replies
         except TimeoutError:
             self._failed = True
-            raise RuntimeError(f"no reply from the workers {when} within engine.timeout_s={self.timeout_s} s "
+            raise WorkerError(f"no reply from the workers {when} within engine.timeout_s={self.timeout_s} s "
                                "(hung?)") from None
         except BaseException:
             self._failed = True
@@ -320,7 +320,7 @@ class ParallelEngine:
     def _check_alive(self, when: str = "") -> None:
         for rank, proc in self._procs.items():
             if proc.exitcode is not None:
-                raise RuntimeError(f"worker {rank} exited with code {proc.exitcode} {when} without reporting "
+                raise WorkerError(f"worker {rank} exited with code {proc.exitcode} {when} without reporting "
                                    "an error (killed? out of memory?)")
 
     def close(self) -> None:

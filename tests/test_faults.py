@@ -1,0 +1,101 @@
+"""Faults: one line and a documented exit code, nothing lost (corrupted checkpoints, Ctrl-C, bad knobs)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FAST, read_metrics
+
+from fedtune.config import compose_config
+from fedtune.errors import ConfigError
+from fedtune.run import run
+
+VOLATILE = ("time/", "mem/process")
+
+
+def _stable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run(compose_config([*FAST, "num_rounds=4"]), out_dir=out)
+    return read_metrics(out)
+
+
+def _three_rounds(tmp_path):
+    out = tmp_path / "run"
+    run(compose_config([*FAST, "num_rounds=3", "checkpoint.keep_last=2"]), out_dir=out)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "pointer"])
+def test_resume_falls_back_to_an_older_readable_checkpoint(tmp_path, reference, damage, caplog):
+    out = _three_rounds(tmp_path)
+    newest = out / "checkpoint" / "round_00002.pt"
+    if damage == "truncate":
+        newest.write_bytes(newest.read_bytes()[:1000])
+    elif damage == "garbage":
+        newest.write_bytes(b"not a checkpoint at all")
+    else:
+        (out / "checkpoint" / "latest").write_text("{not json")
+    with caplog.at_level("WARNING"):
+        run(compose_config([*FAST, "num_rounds=4"]), out_dir=out, resume=True)
+    assert _stable(read_metrics(out)) == _stable(reference)  # rounds after the older checkpoint re-run
+    if damage != "pointer":
+        assert any("round_00002.pt is unreadable" in m for m in caplog.messages)
+
+
+def test_no_readable_checkpoint_is_one_line(tmp_path):
+    out = _three_rounds(tmp_path)
+    for f in (out / "checkpoint").glob("round_*.pt"):
+        f.write_bytes(b"\0" * 10)
+    with pytest.raises(ConfigError, match="no readable checkpoint") as err:
+        run(compose_config([*FAST, "num_rounds=4"]), out_dir=out, resume=True)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("threads=0", "threads=0: must be an integer >= 1"),
+    ("threads=-1", "threads=-1: must be an integer >= 1"),
+    ("threads=abc", "threads=abc: must be an integer >= 1"),
+    ("comm.up=topk1.5", "comm.up=topk1.5: the topk fraction 1.5 must be in (0, 1]"),
+    ("comm.down=randk0+int8", "comm.down=randk0+int8: the randk fraction 0 must be in (0, 1]"),
+])
+def test_bad_knobs_are_one_line(monkeypatch, tmp_path, capsys, override, needle):
+    from fedtune import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["fedtune", "logger=none", override])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_ctrl_c_is_one_line_exit_130_and_resumable(tmp_path, reference):
+    out = tmp_path / "run"
+    overrides = [*FAST, "num_rounds=4", "local.max_steps=40"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "fedtune", *overrides, f"output_dir={out}",
+                             f"hydra.run.dir={tmp_path / 'hydra'}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # one round logged and checkpointed -> the second is running
+        if (out / "checkpoint" / "latest").exists():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1].strip()
+    assert proc.returncode == 130, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("fedtune: interrupted during round ") and f"resume={out}`" in err, err
+    done = int(err.split("the last complete round is ")[1].split(" ")[0])
+    assert done == len(read_metrics(out))
+    run(compose_config(overrides), out_dir=out, resume=True)
+    assert len(read_metrics(out)) == 4
