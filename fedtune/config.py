@@ -10,6 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 from fedtune.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# strategies whose ``full_parameters`` is True, by target (checked without importing them: peft is slow)
+FULL_PARAMETER_STRATEGIES = ("fedtune.strategies.fedcybgd.FedCyBGD",)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -69,6 +71,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"model={cfg.model.name} is an encoder: it can only classify with a head "
                           "(set data.classify_with=head with a classification dataset, or pick a causal LM)")
     if cfg.quant.load_in is not None:
+        _require(cfg.strategy.get("_target_") not in FULL_PARAMETER_STRATEGIES,
+                 f"quant={cfg.quant.name}: strategy {cfg.strategy.get('_target_', '').rsplit('.', 1)[-1]} trains "
+                 "full parameters, which a quantized base cannot (use quant=none)")
         _require(cfg.lora.enabled, f"quant={cfg.quant.name} needs LoRA: a quantized base cannot be trained "
                  "full-parameter (set lora.enabled=true or quant=none)")
 

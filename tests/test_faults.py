@@ -99,3 +99,16 @@ def test_ctrl_c_is_one_line_exit_130_and_resumable(tmp_path, reference):
     assert done == len(read_metrics(out))
     run(compose_config(overrides), out_dir=out, resume=True)
     assert len(read_metrics(out)) == 4
+
+
+def test_full_parameter_strategy_with_a_quantized_base_is_one_line():
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from fedtune.config import CONF_DIR, FULL_PARAMETER_STRATEGIES, validate
+
+    for yaml in (CONF_DIR / "strategy").glob("*.yaml"):  # the list names exactly the full-parameter ones
+        target = OmegaConf.load(yaml)._target_
+        assert get_class(target).full_parameters == (target in FULL_PARAMETER_STRATEGIES), target
+    with pytest.raises(ConfigError, match=r"quant=nf4: strategy FedCyBGD trains full parameters"):
+        validate(compose_config(["strategy=fedcybgd", "quant=nf4"]))
