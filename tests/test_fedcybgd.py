@@ -245,3 +245,38 @@ def test_two_blocks_two_rounds_exact_bytes_and_memory(run_fedtune):
            sum(size.values()) + 3 * sum(size[k] for k in blocks[1]) + 4 * len(blocks[1])]
     assert [r["mem/client_peak_bytes"] for r in rows] == mem
     assert max(mem) < 0.7 * (4 * sum(size.values()) + 4 * len(shapes))  # full-parameter FedAvg's client
+
+
+# ---- train/loss: the full-depth model's task loss; the proxy's is train/proxy_loss
+
+
+def test_train_loss_is_the_full_models_and_the_proxy_loss_is_logged_apart():
+    """Round 0 trains block 0 with layers 2-3 dropped. One step: train/loss is the untrained full model's loss
+    on the batch, train/proxy_loss that of the 2-layer proxy the client trains; training follows the proxy."""
+    from fedtune.seeding import TRAIN, generator
+    from fedtune.train.local import batch_order
+
+    model = _llama()
+    s = _strategy(model, num_blocks=2)
+    runtime = _runtime(model)
+    runtime.local.max_steps = 1
+    (cid, msg), = s.broadcast(0, [0, 1]).items()
+    report = runtime.run(s, round_idx=0, client_id=cid, message=msg).report
+    fresh = _llama()
+    idx = next(batch_order(list(range(8)), batch_size=4, num_steps=1, generator=generator(0, 0, cid, TRAIN)))
+    batch = {"input_ids": torch.stack([runtime.data.input_ids[i] for i in idx])}
+    batch["labels"] = batch["input_ids"].clone()
+    with torch.no_grad():
+        full = fresh(**batch).loss.item()
+        with only_layers(fresh, "model.layers", [0, 1]):
+            proxy = fresh(**batch).loss.item()
+    assert abs(full - proxy) > 1e-3  # the dropped layers matter
+    assert report.loss == pytest.approx(full, rel=1e-5)
+    assert report.terms["proxy_loss"] == pytest.approx(proxy, rel=1e-5)
+
+
+def test_proxy_and_full_losses_end_to_end(run_fedtune):
+    _, out = run_fedtune("strategy=fedcybgd", "lora.enabled=false", "strategy.num_blocks=2", "strategy.prune_ratio=0")
+    rows = read_metrics(out)
+    assert rows[0]["train/loss"] != pytest.approx(rows[0]["train/proxy_loss"], rel=1e-4)  # layers 2-3 dropped
+    assert rows[1]["train/loss"] == rows[1]["train/proxy_loss"]  # block 0 updated: no layer dropped

@@ -13,7 +13,7 @@ from fedtune.data.format import collate
 from fedtune.errors import ConfigError
 from fedtune.models.build import tiny_llama
 from fedtune.models.lora import apply_lora, get_trainable_state
-from fedtune.models.split import client_forward, on_client, server_forward
+from fedtune.models.split import base_of, client_forward, on_client, server_forward
 from fedtune.models.tokenizer import word_level
 from fedtune.strategies.split import Split
 
@@ -125,3 +125,95 @@ def test_client_side_is_averaged_server_side_is_sequential():
     key = next(iter(init))
     # (10 * (x + 1) + 30 * (x + 3)) / 40 = x + 2.5
     assert torch.allclose(s.global_state[key], init[key] + 2.5)
+
+
+# ---- a split update is a whole-model update: LoRA, and a tied LM head with full parameters
+
+
+def _tied_llama(layers=3):
+    """Full-parameter tiny Llama whose LM head IS its embedding table (as SmolLM2's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=32, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def _runtime(model, *, steps=3, grad_clip=None, vocab=40):
+    from fedtune.comm.channel import Channel
+    from fedtune.data.format import Tokenized
+    from fedtune.engine.client import ClientRuntime, LocalConfig
+    from fedtune.engine.store import ClientStore
+
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(1, vocab, (6,), generator=g) for _ in range(8)]  # one length: no padding
+    data = Tokenized(input_ids=ids, labels=[t.clone() for t in ids])
+    return ClientRuntime(model=model, data=data, shards={0: list(range(8))},
+                         local=LocalConfig(batch_size=4, lr=1e-2, max_steps=steps, weight_decay=0.01,
+                                           grad_clip=grad_clip),
+                         store=ClientStore(), channel=Channel(), seed=0, pad_id=0, device=torch.device("cpu"))
+
+
+def _build(kind):
+    if kind == "tied_full":
+        return _tied_llama()
+    return _model()[0]
+
+
+@pytest.mark.parametrize("kind", ["tied_full", "lora"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_split_update_equals_whole_model_update(kind, k):
+    """Same batches, same AdamW: the split halves end where whole-model training ends (both halves
+    step; a tied head's gradient is the server's head part + the client's embedding part)."""
+    from types import SimpleNamespace
+
+    from fedtune.seeding import TRAIN, generator
+    from fedtune.train.local import train_local
+
+    model = _build(kind)
+    init = get_trainable_state(model)
+    s = Split(split_layer=k)
+    s.setup(initial_state=init, num_clients=1, world=SimpleNamespace(model=model))
+    rt = _runtime(model, vocab=base_of(model).config.vocab_size)
+    msg = s.broadcast(0, [0])[0]
+    result = rt.run(s, round_idx=0, client_id=0, message=msg)
+    got = {**result.message.tensors, **s.server_state}
+    assert set(got) == set(init)
+
+    whole = _build(kind)
+    torch.manual_seed(0)
+    train_local(whole, rt.data, rt.shards[0], num_steps=3, batch_size=4, lr=1e-2, weight_decay=0.01, grad_clip=None,
+                generator=generator(0, 0, 0, TRAIN), pad_id=0, device=torch.device("cpu"))
+    expected = get_trainable_state(whole)
+    for name, value in expected.items():
+        assert not torch.equal(value, init[name]), name  # every trainable tensor moved (both halves stepped)
+        assert torch.allclose(got[name], value, atol=1e-6, rtol=1e-5), name
+
+
+def test_tied_split_bytes_per_step_and_instrumentation_by_hand():
+    """A tied head: its weight goes up and its gradient down every step; round trips and FLOPs by hand."""
+    from types import SimpleNamespace
+
+    k, V, H, inter, layers = 1, 40, 16, 32, 3
+    model = _tied_llama(layers)
+    s = Split(split_layer=k)
+    s.setup(initial_state=get_trainable_state(model), num_clients=1, world=SimpleNamespace(model=model))
+    rt = _runtime(model, grad_clip=1.0)
+    rep = rt.run(s, round_idx=0, client_id=0, message=s.broadcast(0, [0])[0]).report
+    by = rt.channel.bytes_by(0)
+    meta = {"meta": "{}", "codec": "{}"}
+    up = len(save({"activations": torch.zeros(4, 6, H), "attention_mask": torch.zeros(4, 6, dtype=torch.long),
+                   "labels": torch.zeros(4, 6, dtype=torch.long), "head_weight": torch.zeros(V, H)}, metadata=meta))
+    down = len(save({"grad": torch.zeros(4, 6, H), "head_grad": torch.zeros(V, H)},
+                    metadata={"meta": json.dumps({"loss": 1.0}), "codec": "{}"}))
+    assert by["up/activations"] == 3 * up
+    assert 0 <= by["down/gradients"] - 3 * down <= 3 * 24
+    # per decoder layer: q, k, v, o (H x H each, as many kv heads as heads) + gate, up, down (H x inter) + 2 norms
+    per_layer = 4 * H * H + 3 * H * inter + 2 * H
+    tokens = 3 * 4 * 6
+    assert rep.num_tokens == tokens and rep.round_trips == 3 + 1
+    assert rep.flops == 6 * k * per_layer * tokens  # the client: its layers (the embedding is a lookup)
+    assert rep.server_flops == 6 * ((layers - k) * per_layer + H + V * H) * tokens  # + final norm + tied head

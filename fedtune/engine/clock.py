@@ -3,7 +3,15 @@
 Each client gets a profile from the seed: a compute-time multiplier (``clients.speed``) and, with a
 ``network`` model, its bandwidths and latency. A client's time for one update is::
 
-    flops / clients.flops_per_s * speed  +  down_bytes / down_bps + up_bytes / up_bps + 2 * latency
+    flops / clients.flops_per_s * speed  +  server_flops / server_flops_per_s
+      +  down_bytes / down_bps + up_bytes / up_bps  +  round_trips * 2 * latency
+
+A round trip is one message each way (down + up), each paying the latency once. A plain update makes
+one (the download, then the upload). Split learning makes one per local step on top of that
+(activations up, cut gradients down) and waits for the server's half of every step: its FLOPs run
+on the server, at ``server_flops_per_s`` (default: the reference client's ``clients.flops_per_s``;
+the server's speed does not depend on the client's ``speed``). ``up_bytes``/``down_bytes`` are every
+byte of the update the channel counted, the per-step tensors included.
 
 Compute time comes from the update's FLOPs (deterministic), not the simulator's wall clock, so the
 simulated clock (and the async schedule built on it) is reproducible run to run.
@@ -62,9 +70,21 @@ def client_profiles(clients: DictConfig, network: DictConfig, *, num_clients: in
     return [ClientProfile(float(s), float(u), float(d), latency) for s, u, d in zip(speed, up, down)]
 
 
-def client_time(profile: ClientProfile, *, flops: float, flops_per_s: float, up_bytes: int, down_bytes: int) -> float:
-    """Simulated seconds for one client's update (download + compute + upload)."""
+def client_time(
+    profile: ClientProfile,
+    *,
+    flops: float,
+    flops_per_s: float,
+    up_bytes: int,
+    down_bytes: int,
+    round_trips: int = 1,
+    server_flops: float = 0.0,
+    server_flops_per_s: float | None = None,
+) -> float:
+    """Simulated seconds for one client's update (download + compute + upload; see the module docstring)."""
     t = flops / flops_per_s * profile.speed
+    if server_flops:
+        t += server_flops / (server_flops_per_s or flops_per_s)
     if profile.up_bps is not None:
-        t += up_bytes / profile.up_bps + down_bytes / profile.down_bps + 2 * profile.latency_s
+        t += up_bytes / profile.up_bps + down_bytes / profile.down_bps + round_trips * 2 * profile.latency_s
     return t

@@ -4,6 +4,11 @@ The client half is the token embeddings and decoder layers ``[0, k)``; the serve
 ``[k, n)``, the final norm and the head (LM head or classification ``score``). Both halves run the
 model's own modules exactly as its ``forward`` does, so split training computes the same gradients
 as the whole model (tested).
+
+A tied LM head (``lm_head.weight is embed_tokens.weight``) is one tensor on both sides of the cut:
+:func:`tied_head` finds it, and ``server_forward(head_weight=...)`` runs the head with a copy the
+server received instead of the live shared tensor, so the head's gradient lands on that copy (and
+can be sent back to the side that owns the weight) rather than on the client's embedding.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn.functional as F
 from transformers.masking_utils import create_causal_mask
 
 from fedtune.errors import ConfigError
@@ -44,6 +50,16 @@ def on_client(name: str, split_layer: int) -> bool:
     return m is not None and int(m.group(1)) < split_layer
 
 
+def tied_head(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    """The trainable weight shared by the input embeddings and the LM head, if the model ties them."""
+    head = getattr(base_of(model), "lm_head", None)
+    weight = getattr(head, "weight", None)
+    embed = decoder_of(model).embed_tokens.weight
+    if weight is embed and embed.requires_grad and type(head) is torch.nn.Linear:
+        return embed
+    return None
+
+
 def _context(decoder: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor):
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
@@ -65,9 +81,14 @@ def client_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 
 def server_forward(
-    model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, k: int
+    model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, k: int,
+    *, head_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Layers [k, n), norm, head and the loss, from received activations (the server never sees tokens)."""
+    """Layers [k, n), norm, head and the loss, from received activations (the server never sees tokens).
+
+    ``head_weight``: run the LM head with this tensor (the received copy of a tied weight, see
+    :func:`tied_head`) instead of the model's own.
+    """
     base, decoder = base_of(model), decoder_of(model)
     hidden = decoder.norm(_layers(decoder, hidden, attention_mask, decoder.layers[k:]))
     if hasattr(base, "score"):  # sequence classification: the last non-padding position (right padding)
@@ -75,5 +96,5 @@ def server_forward(
         last = attention_mask.sum(-1) - 1
         pooled = logits[torch.arange(logits.shape[0], device=logits.device), last]
         return base.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=base.config)
-    logits = base.lm_head(hidden)
+    logits = base.lm_head(hidden) if head_weight is None else F.linear(hidden, head_weight, base.lm_head.bias)
     return base.loss_function(logits=logits, labels=labels, vocab_size=base.config.vocab_size)

@@ -24,13 +24,24 @@ block: that is what ``mem/client_peak_bytes`` measures.
 
 With ``num_blocks=1`` and ``prune_ratio=0`` the download is the whole model and the upload the whole
 update: full-parameter FedAvg with one client per round.
+
+Metrics. The client trains a proxy (the kept layers only): its loss is ``train/proxy_loss``.
+``train/loss`` is the task loss of the full-depth model being trained, on the same batch at every
+step, as for every other strategy: every decoder layer, the client's current block, the dropped
+(never updated) layers at their global values, which are still the initial weights every process
+holds from ``setup``, and the other updated blocks as received (pruned at ``prune_ratio``; exactly
+the global model when it is 0). It is instrumentation: a no-grad forward, not counted in FLOPs or
+memory, run with the RNG state forked so it does not change training.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import torch
 from peft import PeftModel
 
 from fedtune.comm.channel import Message
@@ -41,11 +52,25 @@ from fedtune.models.lora import State
 from fedtune.strategies.aggregate import add_scaled
 from fedtune.strategies.base import Strategy
 from fedtune.strategies.fedcybgd_compress import decode_pruned, encode_pruned
+from fedtune.train.local import Loss
 
 if TYPE_CHECKING:
     from fedtune.world import World
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _layers_as(model: torch.nn.Module, layers_path: str, layers: torch.nn.ModuleList) -> Iterator[None]:
+    """Within the block, the model's decoder-layer list is ``layers``; what it was is put back on exit."""
+    parent_path, _, attr = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    current = getattr(parent, attr)
+    setattr(parent, attr, layers)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, current)
 
 
 class FedCyBGD(Strategy):
@@ -77,6 +102,7 @@ class FedCyBGD(Strategy):
             raise ConfigError(f"strategy.num_blocks={self.num_blocks}: the model has {self.layout.num_layers} "
                               f"decoder layers; choose 1..{self.layout.num_layers}")
         self.layout = block_layout(list(initial_state), layers_path=path, num_blocks=self.num_blocks)
+        self.initial_state = initial_state  # = the global values of every block not updated yet
 
     def assignment(self, round_idx: int) -> tuple[int, int]:
         """(client_id, block) of round ``round_idx``."""
@@ -110,6 +136,23 @@ class FedCyBGD(Strategy):
         received = decode_pruned(message.tensors, {k: p.shape for k, p in params.items()})
         set_partial_state(client.model, received)
         keep = sorted({i for k in received if (i := self.layout.layer_of(k)) is not None})
+        dropped = {k: self.initial_state[k] for k in params if (i := self.layout.layer_of(k)) is not None
+                   and i not in keep}
+        set_partial_state(client.model, dropped)  # out of the model while it trains; for train/loss only
+        full_layers = client.model.get_submodule(self.layout.layers_path)
+        device = client.runtime.device
+
+        def loss_fn(model, batch, idx):
+            if not dropped:  # the proxy is the full-depth model
+                loss = model(**batch).loss
+                return Loss(objective=loss, task=loss.detach(), terms={"proxy_loss": loss.detach()})
+            rng_devices = [device] if torch.device(device).type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices), \
+                    _layers_as(model, self.layout.layers_path, full_layers):
+                task = model(**batch).loss
+            proxy = model(**batch).loss
+            return Loss(objective=proxy, task=task, terms={"proxy_loss": proxy.detach()})
+
         flags = {k: p.requires_grad for k, p in params.items()}
         try:
             for key, p in params.items():
@@ -117,7 +160,7 @@ class FedCyBGD(Strategy):
                 p.grad = None
             # The dropped layers are out of the model while it trains: not run, not counted as held.
             with only_layers(client.model, self.layout.layers_path, keep):
-                result = client.train()
+                result = client.train(loss_fn=loss_fn)
             delta = {k: params[k].detach().to("cpu", copy=True) - received[k] for k in own}
         finally:
             for key, p in params.items():

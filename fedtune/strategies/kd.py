@@ -13,7 +13,8 @@ What crosses the wire, per round, per participating client:
 Server: converts each upload to probabilities at ``temperature``, averages them (example-weighted or
 uniform), and distils them into the global model with ``server_kd_steps`` steps of
 T^2 * KL(teacher || student). Clients add ``kd_weight`` x the same KD loss on a public batch to
-every local step of the next round. With ``downlink=logits`` each client keeps its own adapter
+every local step of the next round (``train/loss`` logs the task loss alone, ``train/kd_loss`` the
+KD term; client FLOPs count the KD term's forward and backward over its public batch every step). With ``downlink=logits`` each client keeps its own adapter
 across rounds (only knowledge travels); the evaluated model is the server's distilled one.
 """
 
@@ -36,7 +37,7 @@ from fedtune.models.lora import State, get_trainable_state, set_trainable_state
 from fedtune.seeding import derive_seed, generator
 from fedtune.strategies.aggregate import client_weights
 from fedtune.strategies.base import Strategy, check_weighting
-from fedtune.train.local import batch_order, compute_params, train_local
+from fedtune.train.local import Loss, batch_order, compute_params, train_local
 
 DOWNLINKS = ("logits", "adapter", "both")
 KD_STREAM, SERVER_STREAM = 11, 12  # seeding purposes
@@ -164,7 +165,7 @@ class KD(Strategy):
         adapter = {k.removeprefix("adapter."): v for k, v in message.tensors.items() if k.startswith("adapter.")}
         client.set_trainable(adapter or client.state.get("trainable", self.initial_state))
         teacher, offsets = self._teacher_from(message.tensors), self._offsets()
-        loss_fn = None
+        loss_fn, kd_tokens = None, [0]
         if teacher is not None and self.kd_weight > 0:
             stream = batch_order(list(range(len(self.public))), batch_size=rt.local.batch_size, num_steps=10**9,
                                  generator=generator(rt.seed, client.round_idx, client.client_id, KD_STREAM))
@@ -172,16 +173,19 @@ class KD(Strategy):
             def loss_fn(model, batch, idx):
                 pub_idx = next(stream)
                 pub = {k: v.to(rt.device) for k, v in collate(self.public, pub_idx, pad_id=rt.pad_id).items()}
+                kd_tokens[0] += int(pub["attention_mask"].sum())
                 kd = self._kd_loss(model, pub, pub_idx, teacher, offsets)
-                return model(**batch).loss + self.kd_weight * kd
+                task = model(**batch).loss
+                # train/loss is the task loss alone (comparable across strategies); the KD term: train/kd_loss
+                return Loss(objective=task + self.kd_weight * kd, task=task.detach(), terms={"kd_loss": kd.detach()})
 
         result = client.train(loss_fn=loss_fn)
         if self.downlink == "logits":
             client.state["trainable"] = client.get_trainable()
         logits, tokens = self._public_logits(client.model, rt.local.batch_size, rt.pad_id, rt.device)
-        result.flops += 2.0 * compute_params(client.model) * tokens  # the forward over the public set
-        if teacher is not None and self.kd_weight > 0:
-            result.flops += 2.0 * compute_params(client.model) * result.num_tokens  # KD forwards (approx.)
+        params = compute_params(client.model)
+        # the KD term: a forward AND backward over one public batch every step; then the upload's forward
+        result.flops += 6.0 * params * kd_tokens[0] + 2.0 * params * tokens
         return Message(tensors=self._upload(logits), meta={"num_examples": result.num_examples})
 
     @torch.no_grad()

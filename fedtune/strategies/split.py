@@ -12,6 +12,28 @@ Server: the client-side adapters are FedAvg-ed each round. The server-side adapt
 trained sequentially by every client's batches, in the order the clients run (SplitFed-v2 style: a
 single server model, no server-side averaging), with one AdamW state kept across rounds.
 
+Tied embeddings (``lm_head.weight is embed_tokens.weight``, trained: e.g. SmolLM2 with
+``lora.enabled=false``). The one tensor is both the client's embedding table and the server's head.
+The CLIENT owns it: it is part of the client half's state (named ``...embed_tokens.weight``, FedAvg-ed
+with the rest of it) and the client's optimizer updates it, once per step, with the sum of both
+contributions, exactly as the whole model's optimizer would:
+  up, every step, with the activations: ``head_weight``, the client's current value of the tensor
+      (vocab x hidden); the server runs the head with this copy;
+  down, every step, with the cut gradient: ``head_grad``, the gradient of the loss w.r.t. that copy
+      (the head's contribution, vocab x hidden);
+  client: back-propagates the cut gradient (the embedding's contribution lands on the tensor), adds
+      ``head_grad``, clips and steps. The server never updates the tensor; it uses what it was sent.
+This is exact (tested against whole-model training) and costs 2 x vocab x hidden values on the wire
+per step; untying the head (a server-side copy) would be cheaper but is a different model.
+
+Gradient clipping (``local.grad_clip``) is per side: each half clips its own gradients' norm (a
+global norm would need one more exchange per step). With ``grad_clip=null`` a split update is the
+same AdamW trajectory as training the whole model on the same batches (tested).
+
+The simulated clock charges one round trip per local step on top of the download/upload
+(``TrainResult.round_trips``) and the server's half of every step (``TrainResult.server_flops``:
+6 x the server's parameters x tokens), because the client waits for both.
+
 Because the server computes during every local update, this strategy's updates run where the server
 is (``server_in_the_loop``): the parallel engine runs them in the server process.
 """
@@ -28,11 +50,11 @@ from fedtune.data.format import collate
 from fedtune.engine.client import ClientContext
 from fedtune.errors import ConfigError
 from fedtune.models.lora import State, get_trainable_state, set_trainable_state
-from fedtune.models.split import client_forward, num_layers, on_client, server_forward
+from fedtune.models.split import client_forward, num_layers, on_client, server_forward, tied_head
 from fedtune.seeding import TRAIN, generator
 from fedtune.strategies.aggregate import weighted_sum
 from fedtune.strategies.base import Strategy, check_weighting
-from fedtune.train.local import TrainResult, batch_order, plan_steps
+from fedtune.train.local import TrainResult, batch_order, compute_params, plan_steps
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -74,6 +96,7 @@ class Split(Strategy):
         steps = plan_steps(len(client.indices), batch_size=rt.local.batch_size, epochs=rt.local.epochs,
                            max_steps=rt.local.max_steps)
         gen = generator(rt.seed, client.round_idx, client.client_id, TRAIN)
+        tied = tied_head(model)  # client-owned; see the module docstring
         model.train()
         client_s = server_s = loss_sum = 0.0
         tokens = num_steps = 0
@@ -81,29 +104,36 @@ class Split(Strategy):
             batch = {key: v.to(rt.device) for key, v in collate(rt.data, idx, pad_id=rt.pad_id).items()}
             t = time.perf_counter()
             acts = client_forward(model, batch["input_ids"], batch["attention_mask"], k)
-            up = client.channel.send(
-                Message(tensors={"activations": acts, "attention_mask": batch["attention_mask"],
-                                 "labels": batch["labels"]}),
-                round_idx=client.round_idx, client_id=client.client_id, direction="up", kind="activations")
+            sent = {"activations": acts, "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
+            if tied is not None:
+                sent["head_weight"] = tied
+            up = client.channel.send(Message(tensors=sent), round_idx=client.round_idx, client_id=client.client_id,
+                                     direction="up", kind="activations")
             client_s += time.perf_counter() - t
 
             t = time.perf_counter()  # ---- server: its half, the loss, its update, the cut gradient
             received = up.tensors["activations"].to(rt.device).requires_grad_(True)
+            head = up.tensors["head_weight"].to(rt.device).requires_grad_(True) if tied is not None else None
             loss = server_forward(model, received, up.tensors["attention_mask"].to(rt.device),
-                                  up.tensors["labels"].to(rt.device), k)
+                                  up.tensors["labels"].to(rt.device), k, head_weight=head)
             server_opt.zero_grad(set_to_none=True)
             loss.backward()
             if rt.local.grad_clip:
                 torch.nn.utils.clip_grad_norm_(server_params, rt.local.grad_clip)
             server_opt.step()
-            down = client.channel.send(
-                Message(tensors={"grad": received.grad}, meta={"loss": loss.item()}),
-                round_idx=client.round_idx, client_id=client.client_id, direction="down", kind="gradients")
+            back = {"grad": received.grad}
+            if head is not None:
+                back["head_grad"] = head.grad
+            down = client.channel.send(Message(tensors=back, meta={"loss": loss.item()}), round_idx=client.round_idx,
+                                       client_id=client.client_id, direction="down", kind="gradients")
             server_s += time.perf_counter() - t
 
             t = time.perf_counter()
             client_opt.zero_grad(set_to_none=True)
             acts.backward(down.tensors["grad"].to(rt.device))
+            if tied is not None:  # the head's contribution joins the embedding's: one update per step
+                head_grad = down.tensors["head_grad"].to(rt.device)
+                tied.grad = head_grad if tied.grad is None else tied.grad + head_grad
             if rt.local.grad_clip:
                 torch.nn.utils.clip_grad_norm_(client_params, rt.local.grad_clip)
             client_opt.step()
@@ -120,11 +150,15 @@ class Split(Strategy):
         on_device = [p for n, p in model.named_parameters() if on_client(n, k) or "embed_tokens" in n]
         held = sum(_nbytes(p) + (_nbytes(p.grad) if p.grad is not None else 0) for p in on_device)
         held += sum(_nbytes(v) for st in client_opt.state.values() for v in st.values() if torch.is_tensor(v))
-        client_compute = sum(p.numel() for n, p in model.named_parameters() if on_client(n, k) and "embed" not in n)
+        # FLOPs: the client runs its layers (embedding lookups are not matmuls; a tied head's matmul is
+        # the server's); the server runs everything else a token passes through.
+        client_compute = sum(p.numel() for n, p in model.named_parameters()
+                             if on_client(n, k) and "embed_tokens" not in n)
+        server_compute = compute_params(model) - client_compute
         client.report = TrainResult(
             loss=loss_sum / max(num_steps, 1), num_examples=len(client.indices), num_steps=num_steps,
             num_tokens=tokens, seconds=client_s, flops=6.0 * client_compute * tokens, mem_bytes=held,
-            server_seconds=server_s,
+            server_seconds=server_s, round_trips=num_steps + 1, server_flops=6.0 * server_compute * tokens,
         )
         return Message(tensors=client_state, meta={"num_examples": len(client.indices)})
 

@@ -5,29 +5,47 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedtune.data.format import Tokenized, collate
 
-# (model, batch, the batch's row indices into the data) -> scalar loss
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], list[int]], torch.Tensor]
+
+@dataclass
+class Loss:
+    """What a custom loss function returns when its objective is not the plain task loss.
+
+    ``objective`` is back-propagated; ``task`` is the plain LM / classification loss of the model being
+    trained on the client's own batch (what ``train/loss`` reports for every strategy, so strategies
+    compare on the same quantity); ``terms`` are any other terms, reported as ``train/<name>``.
+    """
+
+    objective: torch.Tensor
+    task: torch.Tensor | float
+    terms: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+# (model, batch, the batch's row indices into the data) -> scalar loss (the task loss itself), or a Loss
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], list[int]], torch.Tensor | Loss]
 
 
 @dataclass
 class TrainResult:
     """What one local update did (instrumentation: never sent over the channel)."""
 
-    loss: float
+    loss: float  # mean task loss over the steps (the plain LM / classification loss; see Loss)
     num_examples: int
     num_steps: int
     num_tokens: int
     seconds: float
-    flops: float = 0.0  # client FLOPs estimate: 6 x (non-embedding params it ran) x tokens
+    flops: float = 0.0  # client FLOPs estimate: 6 x (params a token passes through) x tokens, every pass
     mem_bytes: int = 0  # bytes the client held: parameters + gradients + optimizer state (measured tensors)
     server_seconds: float = 0.0  # server compute during the update (split learning)
+    terms: dict[str, float] = field(default_factory=dict)  # mean of each extra loss term (train/<name>)
+    round_trips: int = 1  # network round trips of the update: 1 = download, then upload (split: + 1 per step)
+    server_flops: float = 0.0  # FLOPs the server runs while the client waits (split learning's server half)
 
 
 def plan_steps(num_examples: int, *, batch_size: int, epochs: float, max_steps: int | None) -> int:
@@ -85,20 +103,25 @@ def train_local(
     model.train()
     start = time.perf_counter()
     total_loss, tokens, steps = 0.0, 0, 0
+    term_sums: dict[str, float] = {}
     for batch_idx in batch_order(indices, batch_size=batch_size, num_steps=num_steps, generator=generator):
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(data, batch_idx, pad_id=pad_id).items()}
-        loss = loss_fn(model, batch, batch_idx)
+        out = loss_fn(model, batch, batch_idx)
+        loss, task, terms = (out.objective, out.task, out.terms) if isinstance(out, Loss) else (out, out, {})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         # .item() is a CPU-GPU sync point; one per step is cheap next to the step itself.
-        total_loss += loss.item()
+        total_loss += _item(task)
+        for name, value in terms.items():
+            term_sums[name] = term_sums.get(name, 0.0) + _item(value)
         tokens += int(batch["attention_mask"].sum())
         steps += 1
     result = TrainResult(
         loss=total_loss / max(steps, 1),
+        terms={name: value / max(steps, 1) for name, value in term_sums.items()},
         num_examples=len(indices),
         num_steps=steps,
         num_tokens=tokens,
@@ -109,14 +132,27 @@ def train_local(
     return result, optimizer.state_dict()
 
 
+def _item(value: torch.Tensor | float) -> float:
+    return value.detach().item() if torch.is_tensor(value) else float(value)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
 def compute_params(model: torch.nn.Module) -> int:
-    """Parameters a token passes through (embedding tables are lookups, not matmuls)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    """Parameters a token passes through, each counted once.
+
+    Embedding tables are lookups, not matmuls, and are skipped, unless the same tensor is also a
+    ``Linear`` weight: a tied LM head (``lm_head.weight is embed_tokens.weight``) is a vocab x hidden
+    matmul for every token. peft's frozen ``original_module`` copies behind ``modules_to_save`` are not
+    run (the trainable copy is), so they are not counted.
+    """
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - linear
+    frozen_copies = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if ".original_module." in n}
+    skipped = lookups | frozen_copies
+    return sum(p.numel() for p in model.parameters() if id(p) not in skipped)
 
 
 def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
