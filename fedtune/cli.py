@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from fedtune.config import CONF_DIR
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, Interrupted, WorkerError
 
 log = logging.getLogger("fedtune")
 
@@ -75,9 +77,39 @@ def precheck(argv: list[str]) -> None:
         jobs = [combo for batch in BasicSweeper.split_arguments(parsed, None) for combo in batch]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             for combo in jobs:
-                validate(compose(config_name="config", overrides=list(combo), return_hydra_config=True))
+                cfg = compose(config_name="config", overrides=list(combo), return_hydra_config=True)
+                _refuse_unread_keys(combo, cfg)
+                validate(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
+
+
+def _refuse_unread_keys(combo: list[str], cfg: DictConfig) -> None:
+    """``+key=value`` adds a key the config does not have. Only a component built from a ``_target_``
+    reads keys beyond its yaml (as constructor arguments, which it checks); anywhere else nothing would
+    read it, and the run would silently ignore it: refuse."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    added = [o for o in OverridesParser.create().parse_overrides(list(combo)) if o.is_add() or o.is_force_add()]
+    added = [o for o in added if not o.key_or_group.startswith("hydra.")
+             and not (CONF_DIR / o.key_or_group.replace(".", "/")).is_dir()]  # `+group=option` adds a config
+    if not added:
+        return
+    plain = [c for c in combo if not c.startswith("+")]
+    base = compose(config_name="config", overrides=plain)
+    for o in added:
+        key = o.key_or_group
+        if OmegaConf.select(base, key, default=_ABSENT) is not _ABSENT:
+            continue  # ++ on a key that exists is a plain change
+        parent = OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else cfg
+        if not (isinstance(parent, DictConfig) and "_target_" in parent):
+            raise ConfigError(f"{key}: no such config key, and nothing reads it, so it would have no effect "
+                              "(check the spelling; `fedtune --cfg job` lists every key)")
+
+
+_ABSENT = object()
 
 
 def _task(cfg: DictConfig) -> None:
@@ -100,12 +132,35 @@ def _task(cfg: DictConfig) -> None:
             out_dir=out_dir,
             resume=bool(cfg.get("resume")),
             choices={k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")},
-            group=Path(hc.sweep.dir).name if multirun else None,
+            group=wandb_group(hc.sweep.dir) if multirun else None,
             job_name=(hc.job.override_dirname or None) if multirun else None,
         )
     except ConfigError as err:
         sys.stderr.write(f"fedtune: error: {err}\n")
         sys.exit(2)
+    except Interrupted as err:
+        sys.stderr.write(f"fedtune: {err.message}\n")
+        sys.exit(130)
+    except WorkerError as err:
+        sys.stderr.write(f"fedtune: error: {err}\n")
+        sys.exit(3)
+
+
+INVOCATION_ENV = "FEDTUNE_INVOCATION_ID"
+
+
+def new_invocation() -> str:
+    """A fresh id for this command (time + random), in the environment so that jobs a launcher runs in
+    other processes (submitit, torchrun ranks) see the same one."""
+    os.environ[INVOCATION_ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    return os.environ[INVOCATION_ENV]
+
+
+def wandb_group(sweep_dir: str) -> str:
+    """The W&B group of a ``-m`` sweep's jobs: the sweep folder's name plus this invocation's id.
+    Every job of one command shares it; two commands never do, even into folders of the same name
+    (``.../fed`` of two replications, or the same ``hydra.sweep.dir`` run twice)."""
+    return f"{Path(sweep_dir).name}-{os.environ.get(INVOCATION_ENV) or new_invocation()}"
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path]:
@@ -129,6 +184,7 @@ def main() -> None:
         from fedtune.engine.parallel import serve_torchrun_worker  # torchrun ranks > 0: workers, no Hydra
 
         sys.exit(serve_torchrun_worker())
+    new_invocation()
     try:
         precheck(sys.argv[1:])
     except ConfigError as err:
@@ -140,7 +196,11 @@ def main() -> None:
         prestart()
     import hydra
 
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)()
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)()
+    except KeyboardInterrupt:  # outside a run (start-up, between sweep jobs): nothing to resume
+        sys.stderr.write("fedtune: interrupted\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

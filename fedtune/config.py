@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "checkpoint.every", strict=False)
     _positive(cfg, "checkpoint.keep_last")
     _positive(cfg, "clients.flops_per_s")
+    _positive(cfg, "clients.server_flops_per_s", allow_none=True)
     from fedtune.comm.codec import make_codec  # a bad codec spec stops here, before any folder exists
 
     for direction in ("up", "down"):
@@ -100,6 +102,11 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
     except InstantiationException as err:
         cause = err.__cause__
         while cause is not None and not isinstance(cause, ConfigError):
+            if isinstance(cause, TypeError) and (m := re.search(r"unexpected keyword argument '(\w+)'", str(cause))):
+                where = node._get_full_key(None) if isinstance(node, DictConfig) else "?"
+                target = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+                raise ConfigError(f"{where}.{m[1]}: {target} has no setting {m[1]} (see its yaml in conf/"
+                                  f"{where.split('.')[0]}/ for the ones it has)") from None
             cause = cause.__cause__
         if isinstance(cause, ConfigError):
             raise cause from None

@@ -20,11 +20,12 @@ from fedtune.data.partition_report import format_report_table, partition_report,
 from fedtune.engine.client import ClientResult
 from fedtune.engine.clock import REFERENCE, client_profiles, client_time
 from fedtune.engine.store import ClientStore
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, Interrupted
+from fedtune.metrics.text import perplexity
 from fedtune.models.lora import count_parameters, set_trainable_state
 from fedtune.models.quant import base_bytes
 from fedtune.seeding import sample_clients
-from fedtune.sinks import ConsoleSink, JsonlSink, Sinks
+from fedtune.sinks import ConsoleSink, JsonlSink, Sinks, dumps
 from fedtune.strategies.aggregate import all_finite
 from fedtune.train.evaluate import evaluate
 from fedtune.world import build_world, client_runtime, make_channel, resolve_device
@@ -78,20 +79,24 @@ def run(
     engine = build(cfg.engine)
     clients_per_round = cfg.clients_per_round or cfg.num_clients
 
-    total_bytes, rejected_total, start_round = 0, 0, 0
+    total_bytes, rejected_total, start_round, wall_before = 0, 0, 0, 0.0
     last: dict[str, Any] = {}
+    choices = dict(choices or {})
     if ckpt is not None:  # exact resume: restore state, drop metrics rows logged after the checkpoint
         strategy.load_state_dict(ckpt["strategy"])
         schedule.load_state_dict(ckpt["schedule"])
-        store.load_state_dict(ckpt["store"])
+        store.load_state_dict(ckpt["store"], base=out_dir / "checkpoint")
         checkpoint.set_rng_state(ckpt["rng"])
         total_bytes, rejected_total, last = ckpt["total_bytes"], ckpt["rejected_total"], ckpt["last"]
+        # what the run was started with, not what `fedtune resume=...` composed; wall time so far
+        choices, group = ckpt.get("choices", choices), ckpt.get("group", group)
+        wall_before = float(ckpt.get("wall_s", 0.0))
         start_round = ckpt["round_idx"] + 1
         checkpoint.truncate_metrics(out_dir / "metrics.jsonl", last_round=ckpt["round_idx"])
         log.info("resuming %s after round %d", out_dir, ckpt["round_idx"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "partition.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "partition.json").write_text(dumps(report, indent=1))
     heatmap = save_heatmap(report, out_dir / "plots" / "partition.png") if report["values"] else None
     log.info("partition (%s):\n%s", report["column"] or "sizes", format_report_table(report))
     config = to_container(cfg)
@@ -118,6 +123,7 @@ def run(
         sinks.summary(start_info)
         sinks.log_media(images={"partition/heatmap": heatmap} if heatmap else {},
                         tables={"partition/clients": partition_table(report)})
+        round_idx, saved_round = start_round, (ckpt["round_idx"] if ckpt else None)
         engine.start(runtime, cfg)
         for round_idx in range(start_round, cfg.num_rounds):
             round_start = time.perf_counter()
@@ -136,7 +142,7 @@ def run(
                 return got
 
             replies: dict[int, Message] = {}
-            up = {"s": 0.0, "rejected": 0}
+            up = {"s": 0.0, "fold_s": 0.0, "rejected": 0}
 
             def deliver(cid: int, result: ClientResult, round_idx: int = round_idx,
                         replies: dict[int, Message] = replies, up: dict = up) -> None:
@@ -144,34 +150,45 @@ def run(
                 t0 = time.perf_counter()
                 reply = channel.send(result.message, round_idx=round_idx, client_id=cid, direction="up")
                 result.message = None  # the client's copy is gone once sent
+                t1 = time.perf_counter()
+                up["s"] += t1 - t0  # the channel only: folding is aggregation, timed as such
                 if all_finite(reply.tensors):
                     replies[cid] = strategy.fold(round_idx, cid, reply)
                 else:  # a NaN/inf update would poison the global state: drop it, count it
                     up["rejected"] += 1
                     log.warning("round %d: client %d sent a non-finite update; rejected", round_idx, cid)
-                up["s"] += time.perf_counter() - t0
+                up["fold_s"] += time.perf_counter() - t1
 
             results = engine.run_round(strategy, round_idx=round_idx, messages=outgoing, receive=receive,
                                        deliver=deliver)
             comm_s, rejected = down_s[0] + up["s"], up["rejected"]
+            if results and rejected == len(results):
+                log.warning("round %d: every update (%d of %d) was non-finite and rejected; the global state "
+                            "is unchanged this round", round_idx, rejected, len(results))
 
             # The simulated clock: when each reply would arrive; the schedule picks what is aggregated now.
             sent = channel.bytes_by_client(round_idx)
             schedule.push(replies, {cid: client_time(
                 profiles.get(cid, REFERENCE), flops=results[cid].report.flops if results[cid].report else 0.0,
                 flops_per_s=float(cfg.clients.flops_per_s), up_bytes=sent.get((cid, "up"), 0),
-                down_bytes=sent.get((cid, "down"), 0)) for cid in replies})
+                down_bytes=sent.get((cid, "down"), 0),
+                round_trips=results[cid].report.round_trips if results[cid].report else 1,
+                server_flops=results[cid].report.server_flops if results[cid].report else 0.0,
+                server_flops_per_s=cfg.clients.get("server_flops_per_s")) for cid in replies})
             ready, sched_stats = schedule.collect()
 
             t = time.perf_counter()
             metrics: dict[str, Any] = strategy.aggregate(round_idx, ready) if ready else {}
             metrics.update(sched_stats)
-            aggregate_s = time.perf_counter() - t
+            aggregate_s = time.perf_counter() - t + up["fold_s"]
 
             reports = [r.report for r in results.values() if r.report is not None]
             if reports:
                 weights = [float(r.num_examples) for r in reports]
                 metrics["train/loss"] = _mean([r.loss for r in reports], weights)
+                for name in sorted({n for r in reports for n in r.terms}):  # e.g. train/kd_loss, train/proxy_loss
+                    has = [(r.terms[name], w) for r, w in zip(reports, weights) if name in r.terms]
+                    metrics[f"train/{name}"] = _mean([v for v, _ in has], [w for _, w in has])
                 metrics["train/steps"] = sum(r.num_steps for r in reports)
                 metrics["train/tokens"] = sum(r.num_tokens for r in reports)
                 metrics["train/client_flops"] = sum(r.flops for r in reports)
@@ -201,10 +218,12 @@ def run(
             if cfg.checkpoint.every and ((round_idx + 1) % cfg.checkpoint.every == 0 or round_idx == cfg.num_rounds - 1):
                 checkpoint.save(out_dir / "checkpoint", round_idx, {
                     "strategy": strategy.state_dict(), "schedule": schedule.state_dict(),
-                    "store": store.state_dict(), "rng": checkpoint.rng_state(),
+                    "rng": checkpoint.rng_state(),
                     "total_bytes": total_bytes, "rejected_total": rejected_total, "last": last,
-                    "wandb_id": getattr(logger_sink, "run_id", None),
-                }, keep_last=cfg.checkpoint.keep_last)
+                    "wandb_id": getattr(logger_sink, "run_id", None), "choices": choices, "group": group,
+                    "wall_s": wall_before + time.perf_counter() - wall_start,
+                }, keep_last=cfg.checkpoint.keep_last, store=store)
+                saved_round = round_idx
 
         _save_adapters(model, strategy.eval_states(store), out_dir / "adapter")
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -214,16 +233,29 @@ def run(
             "final": {k: v for k, v in last.items() if k.startswith(("eval/", "train/"))},
             "comm/total_bytes": total_bytes,
             "comm/rejected_updates": rejected_total,
-            "time/wall_s": time.perf_counter() - wall_start,
-            "choices": dict(choices or {}),
+            # the whole run's wall time: every session's, up to its last checkpoint, plus this one's
+            "time/wall_s": wall_before + time.perf_counter() - wall_start,
+            "choices": choices,
+            "wandb/group": group,
             **start_info,
         }
         sinks.summary({k: v for k, v in summary.items() if k not in ("final", "choices")})
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        (out_dir / "summary.json").write_text(dumps(summary, indent=2, sort_keys=True))
         return summary
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(round_idx, saved_round, cfg.num_rounds, out_dir)) from None
     finally:
         engine.close()
         sinks.close()
+
+
+def interrupted_message(round_idx: int, saved_round: int | None, num_rounds: int, out_dir: Path) -> str:
+    """What Ctrl-C stopped and how to go on (rounds 1-based, as the console counts them)."""
+    where = f"interrupted during round {round_idx + 1}/{num_rounds}"
+    if saved_round is None:
+        return f"{where}; no round was checkpointed, so there is nothing to resume: start the run again"
+    return (f"{where}; the last complete round is {saved_round + 1} (checkpointed); "
+            f"continue with `fedtune resume={out_dir}`")
 
 
 def partition_table(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -247,6 +279,11 @@ def _evaluate(cfg, states, model, tokenizer, task, device) -> dict[str, float]:
         out[f"eval/{key}"] = sum(m[key] for m in per_name.values()) / len(per_name)
         if len(per_name) > 1:
             out.update({f"eval/{name}/{key}": m[key] for name, m in per_name.items()})
+    if "eval/ppl" in out:
+        # Every state is scored on the same eval tokens, so the token-weighted mean loss over all of
+        # them is the plain mean, and perplexity is exp of it: the same definition as a single state's
+        # (not a mean of per-client perplexities, which exp's convexity inflates).
+        out["eval/ppl"] = perplexity(out["eval/loss"])
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,10 +46,21 @@ class NullSink:
         pass
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, recursively: what
+    ``json.dumps(..., allow_nan=False)`` accepts, so files stay strict JSON (null, never NaN)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):  # numpy floats too
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
     return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``value`` (non-finite floats as null; anything else unknown via str)."""
+    return json.dumps(strict_json(value), allow_nan=False, default=str, **kwargs)
 
 
 class JsonlSink:
@@ -59,8 +71,7 @@ class JsonlSink:
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        row = {"round_idx": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row, sort_keys=True) + "\n")
+        self._file.write(dumps({"round_idx": step, **metrics}, sort_keys=True) + "\n")
         self._file.flush()
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
     python scripts/bench_memory.py [--models tiny,smollm2-135m] [--clients 2,10,100] [override ...]
 
 Each configuration (N clients, all in 1 round) runs in a fresh process and reports its peak RSS;
-the target is 100 clients <= 1.1 x the peak of 2 clients. The `local` strategy is included because
+the target is 100 clients <= 1.1 x the peak of 2 clients. Checkpoints are on (the default
+checkpoint.every=1, so the last round writes one): a checkpoint must not undo the store's limit. The `local` strategy is included because
 it keeps every client's adapter and AdamW state in the client store (the worst case for memory);
 `local@64` is the same with `store.max_memory_mb=64`: the store spills to the run folder beyond that.
 """
@@ -39,7 +40,7 @@ def main() -> None:
             for n in (int(c) for c in args.clients.split(",")):
                 _, peak = run_child([f"model={model}", f"strategy={strategy}", *store, f"num_clients={n}", "num_rounds=1",
                                      "local.max_steps=1", "local.batch_size=1", "eval.bleu_samples=0",
-                                     "checkpoint.every=0", "threads=1", *PER_MODEL.get(model, []), *args.overrides])
+                                     "threads=1", *PER_MODEL.get(model, []), *args.overrides])
                 base = base or peak
                 sys.stdout.write(f"| {model} | {variant} | {n} | {peak / 2**20:.0f} MiB | {peak / base:.2f}x |\n")
                 sys.stdout.flush()

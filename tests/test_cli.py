@@ -1,5 +1,6 @@
 """The CLI: bad input is one line on stderr, exit code 2, no traceback, nothing written."""
 
+import json
 import sys
 
 import pytest
@@ -44,18 +45,23 @@ def test_more_clients_than_examples_is_one_line(monkeypatch, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "num_clients" in err
 
 
-def test_multirun_writes_one_folder_per_job(monkeypatch, tmp_path):
+def test_multirun_writes_one_folder_per_job_and_one_group_per_invocation(monkeypatch, tmp_path):
     args = [*FAST, "num_rounds=1", "local.max_steps=1", "eval.bleu_samples=0"]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["fedtune", "-m", *args, "lora.r=4,8", "seed=0,1"])
-    cli.main()
-    sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
-    assert len(sweeps) == 1
-    jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
-    assert jobs == ["0", "1", "2", "3"]
-    for job in jobs:
-        assert (sweeps[0] / job / "metrics.jsonl").exists()
-        assert (sweeps[0] / job / ".hydra" / "overrides.yaml").exists()
+    groups = []
+    for sweep in ("a/fed", "b/fed"):  # two invocations into folders of the same name
+        monkeypatch.setattr(sys, "argv", ["fedtune", "-m", *args, "lora.r=4,8", "seed=0,1",
+                                          f"hydra.sweep.dir={sweep}"])
+        cli.main()
+        jobs = sorted(p.name for p in (tmp_path / sweep).iterdir() if p.is_dir())
+        assert jobs == ["0", "1", "2", "3"]
+        for job in jobs:
+            assert (tmp_path / sweep / job / "metrics.jsonl").exists()
+            assert (tmp_path / sweep / job / ".hydra" / "overrides.yaml").exists()
+        groups.append({json.loads((tmp_path / sweep / job / "summary.json").read_text())["wandb/group"]
+                       for job in jobs})
+    assert len(groups[0]) == len(groups[1]) == 1  # the jobs of one command share a group
+    assert groups[0] != groups[1] and all(g.startswith("fed-") for g in groups[0] | groups[1])
 
 
 def test_single_run_with_wandb_offline(monkeypatch, tmp_path):
