@@ -70,7 +70,7 @@ def precheck(argv: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from fedtune.config import validate
+    from fedtune.config import build, validate
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -80,6 +80,8 @@ def precheck(argv: list[str]) -> None:
                 cfg = compose(config_name="config", overrides=list(combo), return_hydra_config=True)
                 _refuse_unread_keys(combo, cfg)
                 validate(cfg)
+                for node in (cfg.strategy, cfg.partition):  # their constructors check their settings
+                    build(node)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
 

@@ -26,6 +26,10 @@ BAD = [
     (["local.lr=-0.1"], "local.lr=-0.1"),
     (["comm.up=zip"], "comm.up=zip"),
     (["-m", "lora.r=4,0"], "lora.r=0"),
+    (["+clients.dropout=0.5"], "clients.dropout: no such config key, and nothing reads it"),
+    (["+strategy.foo=1"], "strategy.foo: FedAvg has no setting foo"),
+    (["-m", "strategy.mode=sync,bogus"], "strategy.mode=bogus"),
+    (["-m", "partition=dirichlet", "partition.alpha=1,-1"], "partition.alpha"),
 ]
 
 
