@@ -174,10 +174,21 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
     if not saved.exists():
         raise ConfigError(f"resume={folder}: not a fedtune run folder (no config.yaml); pass the run's folder")
     old = OmegaConf.load(saved)
-    if any(o.startswith("num_rounds=") for o in overrides):
-        old.num_rounds = cfg.num_rounds
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key == "resume" or key.startswith("hydra."):
+            continue
+        if key not in RESUME_KEYS and not key.startswith(RESUME_PREFIXES):
+            raise ConfigError(f"{key}: a resumed run keeps its own config ({saved}); on resume only "
+                              f"{', '.join(RESUME_KEYS)} and engine.* may change; start a new run to change {key}")
+        OmegaConf.update(old, key, OmegaConf.select(cfg, key), merge=False)
     old.resume = str(folder)
     return old, folder
+
+
+# What `resume=` may change: how long, and where and how fast it runs (never the maths of a round).
+RESUME_KEYS = ("num_rounds", "threads", "device", "engine")
+RESUME_PREFIXES = ("engine.",)
 
 
 def main() -> None:

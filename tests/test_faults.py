@@ -112,3 +112,29 @@ def test_full_parameter_strategy_with_a_quantized_base_is_one_line():
         assert get_class(target).full_parameters == (target in FULL_PARAMETER_STRATEGIES), target
     with pytest.raises(ConfigError, match=r"quant=nf4: strategy FedCyBGD trains full parameters"):
         validate(compose_config(["strategy=fedcybgd", "quant=nf4"]))
+
+
+def test_resume_honours_only_run_length_and_placement(monkeypatch, tmp_path, capsys):
+    from fedtune import cli
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["fedtune", *args])
+        try:
+            cli.main()
+        except SystemExit as exc:
+            return exc.code
+        return 0
+
+    assert main(*FAST, f"output_dir={out}") == 0
+    capsys.readouterr()
+    assert main(f"resume={out}", "lora.r=16") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fedtune: error: lora.r: a resumed run keeps its own")
+    assert main(f"resume={out}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing left to run, its 2 rounds are done" in err
+    assert main(f"resume={out}", "num_rounds=3", "threads=1") == 0
+    assert [r["round_idx"] for r in read_metrics(out)] == [0, 1, 2]
