@@ -9,11 +9,14 @@ from (seed, round, client), so restoring these and starting at the next round is
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +118,31 @@ def truncate_metrics(path: Path, *, last_round: int) -> int:
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
     return len(kept)
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.lock`` (an exclusive ``flock``, released when the process ends, however it ends)
+    while a run writes the folder: a second process starting or resuming the same run gets one line
+    naming the holder's PID instead of computing the same rounds twice into the same files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ConfigError(f"{folder}: another fedtune process (PID {holder}) is writing this run; wait for "
+                              "it to finish or stop it, then resume") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+

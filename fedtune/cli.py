@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,7 @@ def _task(cfg: DictConfig) -> None:
             job_name=(hc.job.override_dirname or None) if multirun else None,
         )
     except ConfigError as err:
+        _discard_if_unstarted(out_dir)
         sys.stderr.write(f"fedtune: error: {err}\n")
         sys.exit(2)
     except Interrupted as err:
@@ -149,6 +151,79 @@ def _task(cfg: DictConfig) -> None:
 
 
 INVOCATION_ENV = "FEDTUNE_INVOCATION_ID"
+FRESH_ENV = "FEDTUNE_FRESH_DIR"  # the output folder this command created (a failed start may remove it)
+RUN_MARKERS = ("metrics.jsonl", "config.yaml", "checkpoint", ".hydra")
+
+
+def _holds_run(folder: Path) -> bool:
+    return any((folder / m).exists() for m in RUN_MARKERS)
+
+
+def exclusive_dir(parent: Path, name: str) -> Path:
+    """Create ``parent/name`` atomically (``name_1``, ``name_2`` ... when it exists): two commands started
+    in the same second never share a folder."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(10_000):
+        candidate = parent / (name if i == 0 else f"{name}_{i}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise ConfigError(f"{parent}: could not create a new folder {name}_N there")
+
+
+def _quote(path: Path) -> str:
+    text = str(path)
+    return text if re.fullmatch(r"[\w./-]+", text) else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def placement(argv: list[str], overrides: list[str]) -> list[str]:
+    """Overrides that put Hydra's files (``.hydra/``, the log) in the run's own folder, created by this
+    command alone, before Hydra writes anything; raises ConfigError for a folder that already holds a run.
+
+    - no folder given: ``outputs/runs/<timestamp>`` (multirun: ``outputs/multiruns/<timestamp>``), made
+      exclusively;
+    - ``output_dir=X`` or ``hydra.run.dir=X``: X must not hold a run; Hydra's files go into X too;
+    - ``resume=X``: Hydra's log appends to X's; its ``.hydra/`` (the run's record) is left as it is.
+    """
+    given = {o.split("=", 1)[0].lstrip("+"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    if "-m" in argv or "--multirun" in argv:
+        if "hydra.sweep.dir" in given:
+            return []
+        folder = exclusive_dir(Path("outputs/multiruns"), stamp)
+        os.environ[FRESH_ENV] = str(folder.resolve())
+        return [f"hydra.sweep.dir={_quote(folder)}"]
+    if given.get("resume") not in (None, "null"):
+        folder = Path(given["resume"])
+        if not (folder / "config.yaml").exists():
+            raise ConfigError(f"resume={folder}: not a fedtune run folder (no config.yaml); pass the run's folder")
+        return [f"hydra.run.dir={_quote(folder)}", "hydra.output_subdir=null"]
+    target = given.get("output_dir") if given.get("output_dir") not in (None, "null") else given.get("hydra.run.dir")
+    if target is None:
+        folder = exclusive_dir(Path("outputs/runs"), stamp)
+        os.environ[FRESH_ENV] = str(folder.resolve())
+        return [f"hydra.run.dir={_quote(folder)}"]
+    folder = Path(target)
+    if folder.exists() and _holds_run(folder):
+        key = "output_dir" if "output_dir" in given else "hydra.run.dir"
+        raise ConfigError(f"{key}={folder}: already holds a run; choose a new folder (or resume={folder})")
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        os.environ[FRESH_ENV] = str(folder.resolve())
+    return [] if "hydra.run.dir" in given else [f"hydra.run.dir={_quote(folder)}"]
+
+
+def _discard_if_unstarted(out_dir: Path) -> None:
+    """A run that failed before its first round leaves no folder that looks like a run: remove its
+    folder when this command created it and no round was logged."""
+    fresh = os.environ.get(FRESH_ENV)
+    if fresh is None or (out_dir / "metrics.jsonl").exists() or not out_dir.exists():
+        return
+    resolved = out_dir.resolve()
+    if resolved == Path(fresh) or Path(fresh) in resolved.parents:
+        shutil.rmtree(resolved, ignore_errors=True)
 
 
 def new_invocation() -> str:
@@ -198,8 +273,12 @@ def main() -> None:
 
         sys.exit(serve_torchrun_worker())
     new_invocation()
+    os.environ.pop(FRESH_ENV, None)
     try:
         precheck(sys.argv[1:])
+        overrides = _overrides(sys.argv[1:])
+        if overrides is not None:
+            sys.argv += placement(sys.argv[1:], overrides)
     except ConfigError as err:
         sys.stderr.write(f"fedtune: error: {err}\n")
         sys.exit(2)

@@ -53,6 +53,12 @@ def run(
     """
     validate(cfg)
     out_dir = Path(out_dir)
+    with checkpoint.run_lock(out_dir):
+        return _run(cfg, out_dir=out_dir, choices=choices, group=group, job_name=job_name, resume=resume)
+
+
+def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, group: str | None,
+         job_name: str | None, resume: bool) -> dict[str, Any]:
     ckpt = checkpoint.load(out_dir / "checkpoint") if resume else None
     if resume and ckpt is None:
         raise ConfigError(f"resume={out_dir}: no checkpoint there (checkpoint/latest); start a new run instead")
