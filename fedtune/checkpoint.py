@@ -59,15 +59,21 @@ def save(folder: Path, round_idx: int, state: dict[str, Any], *, keep_last: int,
         state = {**state, "store": store.state_dict(spill_to=side)}
         if state["store"]["spill_dir"] is not None:
             state["store"]["spill_dir"] = side.name  # relative to the checkpoint folder
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as f:
-        torch.save({"round_idx": round_idx, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    pointer = folder / f"{LATEST}.tmp"
-    pointer.write_text(json.dumps({"file": path.name, "round_idx": round_idx}))
-    os.replace(pointer, folder / LATEST)
+    tmp, pointer = path.with_suffix(".tmp"), folder / f"{LATEST}.tmp"
+    try:
+        with tmp.open("wb") as f:
+            torch.save({"round_idx": round_idx, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        pointer.write_text(json.dumps({"file": path.name, "round_idx": round_idx}))
+        os.replace(pointer, folder / LATEST)
+    except BaseException:  # disk full, killed ...: no temp files left; the previous checkpoint stands
+        tmp.unlink(missing_ok=True)
+        pointer.unlink(missing_ok=True)
+        if store is not None and not path.exists():
+            shutil.rmtree(path.with_suffix(".store"), ignore_errors=True)
+        raise
     for old in sorted(folder.glob("round_*.pt"))[:-keep_last] if keep_last > 0 else []:
         old.unlink()
     kept = {p.stem for p in folder.glob("round_*.pt")}

@@ -7,6 +7,7 @@ before any run folder is written.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -148,6 +149,21 @@ def _task(cfg: DictConfig) -> None:
     except WorkerError as err:
         sys.stderr.write(f"fedtune: error: {err}\n")
         sys.exit(3)
+    except OSError as err:  # read-only folder, a path under a file, disk full ...
+        _discard_if_unstarted(out_dir)
+        sys.stderr.write(f"fedtune: error: {os_error_line(err, out_dir)}\n")
+        sys.exit(2)
+
+
+def os_error_line(err: OSError, where: Path, *, running: bool = True) -> str:
+    """One line for a file-system failure: the path and what went wrong, and that earlier rounds stand."""
+    path = err.filename or where
+    what = err.strerror or type(err).__name__
+    hint = {errno.ENOSPC: "free some space", errno.EACCES: "choose a writable folder (output_dir=...)",
+            errno.EROFS: "choose a writable folder (output_dir=...)",
+            errno.ENOTDIR: "a part of the path is a file; choose another folder"}.get(err.errno, "")
+    line = f"{path}: {what}" + (f"; {hint}" if hint else "")
+    return line + (f" (rounds checkpointed before this stay resumable: resume={where})" if running else "")
 
 
 INVOCATION_ENV = "FEDTUNE_INVOCATION_ID"
@@ -281,6 +297,9 @@ def main() -> None:
             sys.argv += placement(sys.argv[1:], overrides)
     except ConfigError as err:
         sys.stderr.write(f"fedtune: error: {err}\n")
+        sys.exit(2)
+    except OSError as err:  # the output folder cannot be made
+        sys.stderr.write(f"fedtune: error: {os_error_line(err, Path('outputs'), running=False)}\n")
         sys.exit(2)
     if "engine=parallel" in sys.argv[1:]:  # start the worker forkserver while Hydra composes
         from fedtune.engine.parallel import prestart

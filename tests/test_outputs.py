@@ -135,3 +135,55 @@ def test_lock_in_process(tmp_path):
             pass
     with run_lock(tmp_path):  # released: can be taken again
         pass
+
+
+def test_output_path_under_a_file_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    assert _main(monkeypatch, *QUICK, f"output_dir={tmp_path / 'afile' / 'run'}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "afile" in err and "Not a directory" in err, err
+
+
+def test_unwritable_outputs_folder_is_one_line(monkeypatch, tmp_path, capsys):
+    # (root ignores permission bits, so the refusal is simulated where the folder is made)
+    monkeypatch.chdir(tmp_path)
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *a, **k):
+        if "outputs" in str(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert _main(monkeypatch, *QUICK) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Permission denied; choose a writable folder" in err, err
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_tmp(monkeypatch, tmp_path, capsys):
+    import errno
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def full(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second round's checkpoint: half written, then the disk is full
+            f.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device", str(getattr(f, "name", "?")))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    assert _main(monkeypatch, *FAST, "num_rounds=3", f"output_dir={out}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device; free some space" in err, err
+    assert f"resume={out}" in err
+    assert not list(out.rglob("*.tmp"))
+    assert [p.name for p in (out / "checkpoint").glob("round_*.pt")] == ["round_00000.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert _main(monkeypatch, f"resume={out}") == 0  # the round before the failure stands
+    assert [r["round_idx"] for r in read_metrics(out)] == [0, 1, 2]
