@@ -1,6 +1,9 @@
 """Compressed uplinks and aggregation schedules on the same data and seed.
 
-    python scripts/bench_compression.py [--rounds 10] [--out docs/bench_compression.md] [override ...]
+    python scripts/bench_compression.py [--rounds 10] [--part all|compression|schedules]
+                                        [--out docs/bench_compression.md] [override ...]
+
+With ``--part`` and an existing ``--out`` file, only that part's section of the file is rewritten.
 
 Part 1: fedavg fp32 vs gradualdiff with int8, nf4, top-k 10% + int8, top-k 1% + int8, each with and
 without error feedback: total uplink bytes, ratio to fp32 fedavg, final eval loss and its penalty.
@@ -15,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,7 +30,9 @@ from fedtune.run import run  # noqa: E402
 
 def metrics(overrides: list[str]) -> list[dict]:
     out = Path(tempfile.mkdtemp()) / "run"
+    t0 = time.perf_counter()
     run(compose_config(overrides), out_dir=out)
+    sys.stderr.write(f"[{time.perf_counter() - t0:.0f} s wall] {' '.join(overrides)}\n")  # noisy: not in the tables
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -92,7 +98,20 @@ def main() -> None:
     text = "\n".join(parts)
     sys.stdout.write(text)
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        if args.part != "all" and out.exists():  # replace only this part's section, keep the other
+            text = replace_section(out.read_text(), parts[0], text)
+        out.write_text(text)
+
+
+def replace_section(doc: str, heading: str, section: str) -> str:
+    """``doc`` with the section under ``heading`` (up to the next ``## ``) replaced by ``section``."""
+    lines = doc.splitlines(keepends=True)
+    if heading + "\n" not in lines:
+        return doc.rstrip("\n") + "\n\n" + section
+    start = lines.index(heading + "\n")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ The round loop dispatches clients, runs their updates and hands the replies here
 simulated arrival times; the schedule says which replies the server aggregates now.
 
 - ``sync``: every dispatched client; the round lasts until the slowest arrives.
-- ``semi_sync``: the first ``min_clients`` arrivals, or those before ``deadline_s``; the late ones
-  are dropped (``late=drop``) or carried into the next round's aggregation (``late=carry``, with
-  staleness 1).
+- ``semi_sync``: the first ``min_clients`` arrivals of the round's cohort, or those before
+  ``deadline_s``; the round ends when the ``min_clients``-th of them lands (or at the deadline, if any
+  missed it). The late ones are dropped (``late=drop``) or carried (``late=carry``): a carried update
+  keeps its simulated arrival time and is aggregated by the first later server step that ends at or
+  after it, with staleness = server steps since it was dispatched (weighted like async). A client
+  whose update is still in flight gets no new work until it lands.
 - ``async`` (FedBuff-style): ``clients_per_round`` clients are always in flight; each server step
   aggregates the ``buffer_size`` earliest arrivals and idle clients are dispatched again with the
   current global state. Each update is weighted by ``(1 + staleness) ** -staleness_exponent``, where
@@ -66,10 +69,13 @@ class Schedule:
 
     def dispatch(self, *, seed: int, round_idx: int, num_clients: int, clients_per_round: int,
                  sampled: list[int]) -> list[int]:
-        """Clients to start this round: the sampled cohort, or (async) idle clients to refill the pool."""
-        if self.mode != "async":
+        """Clients to start this round: the sampled cohort (semi_sync carry: less the clients still in
+        flight), or (async) idle clients to refill the pool."""
+        if self.mode == "sync" or (self.mode == "semi_sync" and self.late == "drop"):
             return sampled
         busy = {p.client_id for p in self.pending}
+        if self.mode == "semi_sync":
+            return [c for c in sampled if c not in busy]
         idle = [c for c in range(num_clients) if c not in busy]
         want = clients_per_round - len(busy)
         if want <= 0:
@@ -84,31 +90,38 @@ class Schedule:
     def collect(self) -> tuple[dict[int, Message], dict[str, Any]]:
         """The replies to aggregate now (``meta["staleness"]`` set), advancing the clock and version."""
         self.pending.sort()
+        start = self.now
+        dropped = 0
         if self.mode == "sync":
-            take, late = self.pending, []
+            take, self.pending = self.pending, []
         elif self.mode == "async":
-            take, late = self.pending[: self.buffer_size], self.pending[self.buffer_size:]
+            take, self.pending = self.pending[: self.buffer_size], self.pending[self.buffer_size:]
         else:
             fresh = [p for p in self.pending if p.version == self.version]
-            carried = [p for p in self.pending if p.version != self.version]
+            carried = [p for p in self.pending if p.version != self.version]  # late=carry only
             cut = len(fresh)
             if self.min_clients is not None:
                 cut = min(cut, self.min_clients)
             if self.deadline_s is not None:
-                cut = min(cut, sum(p.arrival <= self.now + self.deadline_s for p in fresh))
-            take, late = carried + fresh[:cut], fresh[cut:]
-        start = self.now
-        if take:
-            self.now = max(self.now, max(p.arrival for p in take if p.version == self.version or True))
-        if self.mode == "semi_sync" and self.deadline_s is not None and late:
-            self.now = max(self.now, start + self.deadline_s)
-        dropped = 0
-        if self.mode == "semi_sync":
-            dropped = len(late) if self.late == "drop" else 0
-            self.pending = [] if self.late == "drop" else [
-                Pending(self.now, p.client_id, p.version, p.message) for p in late]
-        else:
-            self.pending = late
+                cut = min(cut, sum(p.arrival <= start + self.deadline_s for p in fresh))
+            on_time, late = fresh[:cut], fresh[cut:]
+            # The round ends when its last on-time reply lands, or at the deadline if some missed it.
+            end = max([start, *(p.arrival for p in on_time)])
+            if self.deadline_s is not None and late:
+                end = max(end, start + self.deadline_s)
+            if not fresh and carried:  # nobody new (all sampled clients busy): wait for the next carried one
+                end = max(start, carried[0].arrival if self.deadline_s is None
+                          else min(carried[0].arrival, start + self.deadline_s))
+            arrived = [p for p in carried if p.arrival <= end]
+            in_flight = [p for p in carried if p.arrival > end]
+            take = arrived + on_time
+            self.now = end
+            if self.late == "drop":
+                dropped, self.pending = len(late), in_flight
+            else:
+                self.pending = sorted(in_flight + late)
+        if self.mode != "semi_sync" and take:
+            self.now = max(self.now, max(p.arrival for p in take))
         out = {}
         staleness = []
         for p in take:
