@@ -37,8 +37,11 @@ def load_splits(data_cfg: DictConfig) -> Splits:
 
     When the source has no eval split, ``data_cfg.eval_fraction`` of train is held out (whole
     groups when the source names one in ``info["holdout_group"]``, e.g. CounselChat questions).
+    Eval rows whose content (prompt + response, or text + text_pair) also occurs in train are
+    dropped (counted in ``info["num_eval_overlap_dropped"]``), so eval is disjoint from train.
     Hold-out and subsampling draw from generators seeded by ``data_cfg.seed`` alone, one per purpose,
-    so every run of a sweep sees the same examples whatever else changes.
+    so every run of a sweep sees the same examples whatever else changes; classification subsamples
+    are stratified by label.
     """
     splits: Splits = build(data_cfg.source, _convert_="all")
     task = data_cfg.get("task")
@@ -55,19 +58,63 @@ def load_splits(data_cfg: DictConfig) -> Splits:
         group_key = splits.info.get("holdout_group")
         splits.train, splits.eval = hold_out(splits.train, fraction=fraction, seed=seed, group_key=group_key)
         splits.info["eval_from"] = f"held out eval_fraction={fraction} of train, seed={seed}"
+    splits.eval, dropped = drop_overlap(splits.eval, splits.train)
+    splits.info["num_eval_overlap_dropped"] = dropped
+    if dropped:
+        log.warning("data=%s: dropped %d eval examples that also occur in train (eval is now %d examples)",
+                    data_cfg.get("name"), dropped, len(splits.eval))
+    splits.info["seed"] = seed
     for split_name, key in (("train", "max_train_samples"), ("eval", "max_eval_samples")):
         limit = data_cfg.get(key)
         rows = getattr(splits, split_name)
         if limit is not None and int(limit) < 0:
             raise ConfigError(f"data.{key}={limit}: must be >= 0 or null")
-        if limit is not None and limit < len(rows):
-            rng = random.Random(f"{key}:{seed}")
-            keep = sorted(rng.sample(range(len(rows)), int(limit)))
-            setattr(splits, split_name, [rows[i] for i in keep])
+        if limit is not None:
+            setattr(splits, split_name, subsample(rows, int(limit), seed=seed, purpose=key))
     if not splits.train:
         raise ConfigError(f"data={data_cfg.get('name')}: no training examples left")
     splits.info.update(num_train=len(splits.train), num_eval=len(splits.eval))
     return splits
+
+
+def content_key(ex: Example) -> tuple[str, str]:
+    """What makes two examples the same: prompt + response, or text + text_pair (whitespace-collapsed)."""
+    first, second = ("prompt", "response") if "prompt" in ex else ("text", "text_pair")
+    return " ".join(str(ex.get(first) or "").split()), " ".join(str(ex.get(second) or "").split())
+
+
+def drop_overlap(rows: list[Example], reference: list[Example]) -> tuple[list[Example], int]:
+    """``rows`` without those whose :func:`content_key` occurs in ``reference``; and how many went."""
+    seen = set(map(content_key, reference))
+    kept = [ex for ex in rows if content_key(ex) not in seen]
+    return kept, len(rows) - len(kept)
+
+
+def subsample(rows: list[Example], n: int, *, seed: int, purpose: str) -> list[Example]:
+    """A seeded random draw of ``n`` rows (all when ``n >= len(rows)``), kept in input order.
+
+    Rows with a ``label`` (classification) are drawn stratified: each label gets its proportional
+    share (largest remainders, ties broken by the same generator), so a label-sorted file still
+    yields every label. The generator depends on ``seed`` and ``purpose`` only (the data seed, never
+    the run's), so every run of a sweep gets the same rows.
+    """
+    if n >= len(rows):
+        return list(rows)
+    rng = random.Random(f"{purpose}:{seed}")
+    if not rows or "label" not in rows[0]:
+        return [rows[i] for i in sorted(rng.sample(range(len(rows)), n))]
+    by_label: dict[Any, list[int]] = {}
+    for i, ex in enumerate(rows):
+        by_label.setdefault(ex["label"], []).append(i)
+    labels = sorted(by_label, key=str)
+    exact = {lab: n * len(by_label[lab]) / len(rows) for lab in labels}
+    quota = {lab: int(exact[lab]) for lab in labels}
+    tiebreak = {lab: rng.random() for lab in labels}
+    rest = sorted(labels, key=lambda lab: (quota[lab] - exact[lab], tiebreak[lab]))
+    for lab in rest[: n - sum(quota.values())]:
+        quota[lab] += 1
+    keep = [i for lab in labels for i in rng.sample(by_label[lab], quota[lab])]
+    return [rows[i] for i in sorted(keep)]
 
 
 def hold_out(

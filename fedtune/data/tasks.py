@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedtune.data.format import Tokenized, tokenize_generate
+from fedtune.data.format import PLAIN_TEMPLATE, Tokenized, tokenize_generate
 from fedtune.data.schema import Example, Splits
+from fedtune.data.sources import subsample
 from fedtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class TaskData:
     eval: Tokenized
     eval_examples: list[Example]  # generate schema (prompt/response) or classify schema (text/label)
     label_names: list[str] | None = None
+    seed: int = 0  # the data seed: evaluation's own draws (BLEU prompts) are seeded by it alone
 
     @property
     def num_labels(self) -> int | None:
@@ -65,10 +67,15 @@ def as_generation(examples: list[Example], label_names: list[str]) -> list[Examp
 
 
 def corpus(splits: Splits) -> list[str]:
-    """Texts a tokenizer built from data (the tiny models' word-level one) must cover."""
+    """Texts a tokenizer built from data (the tiny models' word-level one) must cover.
+
+    The plain prompt template (what a tokenizer without a chat template wraps every prompt in) counts
+    once per training example, as often as the model sees it, so a vocabulary cap never drops it.
+    """
     texts = [t for ex in splits.train for t in (ex.get("prompt"), ex.get("response"), ex.get("text"),
                                                   ex.get("text_pair")) if t]
-    return texts + list(splits.label_names or [])
+    template = PLAIN_TEMPLATE.format(prompt="")
+    return texts + [template] * max(1, len(splits.train)) + list(splits.label_names or [])
 
 
 def tokenize_classify(examples: list[Example], tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int) -> Tokenized:
@@ -120,15 +127,22 @@ def prepare(
     splits: Splits, tokenizer: PreTrainedTokenizerBase, *, classify_with: str, max_seq_len: int,
     max_eval_samples: int | None = None,
 ) -> TaskData:
-    """Tokenize train and eval for the task kind; truncation counts are logged, not silent."""
+    """Tokenize train and eval for the task kind; truncation counts are logged, not silent.
+
+    ``max_eval_samples`` (``eval.max_samples``) keeps a random draw of eval, stratified by label for
+    classification, seeded by the data seed (``splits.info["seed"]``, set by ``load_splits``) alone.
+    """
     kind = task_kind(splits.task, classify_with)
-    train, evals = splits.train, splits.eval[:max_eval_samples] if max_eval_samples else splits.eval
+    seed = int(splits.info.get("seed", 0))
+    train, evals = splits.train, splits.eval
+    if max_eval_samples is not None:
+        evals = subsample(evals, int(max_eval_samples), seed=seed, purpose="eval.max_samples")
     if kind == "classify_generate":
         assert splits.label_names, "classification data must name its labels"
         train, evals = as_generation(train, splits.label_names), as_generation(evals, splits.label_names)
     data = TaskData(
         kind=kind, train=_tokenize(kind, train, tokenizer, max_seq_len), eval=_tokenize(kind, evals, tokenizer, max_seq_len),
-        eval_examples=evals, label_names=splits.label_names,
+        eval_examples=evals, label_names=splits.label_names, seed=seed,
     )
     for name, tok in (("train", data.train), ("eval", data.eval)):
         if tok.num_truncated:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tokenizers import models as tokenizer_models
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.format import IGNORE_INDEX, Tokenized, collate, prompt_ids
+from fedtune.data.schema import Example
+from fedtune.data.sources import subsample
 from fedtune.data.tasks import TaskData
 from fedtune.metrics.classification import accuracy, macro_f1
 from fedtune.metrics.text import corpus_bleu, perplexity
@@ -71,8 +74,30 @@ def generate(
 
 
 def _normalize(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
-    """Text as the tokenizer would give it back (word-level tokenizers re-space punctuation)."""
+    """Text as the tokenizer would give it back (word-level tokenizers re-space punctuation).
+
+    For matching generated label names only: BLEU references stay raw text (a reference passed through
+    a word-level tokenizer loses its out-of-vocabulary words, which inflates BLEU).
+    """
     return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True).strip()
+
+
+def bleu_reference(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """A BLEU reference: the raw text, every word kept (never mapped through the vocabulary).
+
+    A word-level tokenizer decodes its words joined by single spaces ("don ' t", "top - up"), so its
+    references are split the same way by its pre-tokenizer (out-of-vocabulary words stay), else a
+    perfect generation could not score 100; other tokenizers decode to plain text and compare as is.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and isinstance(backend.model, tokenizer_models.WordLevel) and backend.pre_tokenizer:
+        return " ".join(word for word, _ in backend.pre_tokenizer.pre_tokenize_str(text))
+    return text.strip()
+
+
+def bleu_examples(task: TaskData, n: int) -> list[Example]:
+    """The eval examples BLEU generates for: a random draw of ``n`` seeded by the data seed alone."""
+    return subsample(task.eval_examples, n, seed=task.seed, purpose="eval.bleu_samples")
 
 
 @torch.no_grad()
@@ -118,8 +143,8 @@ def evaluate(
         golds = [ex["label"] for ex in examples]
         metrics.update(accuracy=accuracy(preds, golds), macro_f1=macro_f1(preds, golds))
     elif bleu_samples > 0:
-        chosen = examples[:bleu_samples]
+        chosen = bleu_examples(task, bleu_samples)
         hyps = generate(model, tokenizer, [ex["prompt"] for ex in chosen],
                         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
-        metrics["bleu"] = corpus_bleu(hyps, [_normalize(tokenizer, ex["response"]) for ex in chosen])
+        metrics["bleu"] = corpus_bleu(hyps, [bleu_reference(tokenizer, ex["response"]) for ex in chosen])
     return metrics
