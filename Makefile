@@ -41,6 +41,9 @@ lint: install ## ruff lint
 bench-overhead: install ## fedtune round loop vs a plain PyTorch loop on the same batches (ratio, median of 3)
 	$(BIN)/python scripts/bench_overhead.py
 
+mutation-check: install ## curated mutations applied to a scratch copy: every one must fail a test (tests/mutations.toml)
+	$(BIN)/python scripts/mutation_check.py $(MUTATION_ARGS)
+
 # ---- Paper replications (docs/replication.md). Each target is a few Hydra multiruns into
 # $(REPLICATION_DIR)/<name>/<timestamp>/, then scripts/report.py over that folder (tables + PNGs in
 # its report/). `-smoke` forms run offline on 2 CPU cores with SmolLM2-135M and ../shared/data;
@@ -103,6 +106,6 @@ replicate-smoke: replicate-gradualdiff-smoke replicate-comparison-smoke replicat
 clean: ## remove the venv and run outputs
 	rm -rf $(VENV) outputs/runs outputs/multiruns
 
-.PHONY: help install run test test-slow lint bench-overhead clean replicate-smoke \
+.PHONY: help install run test test-slow lint bench-overhead mutation-check clean replicate-smoke \
 	replicate-gradualdiff replicate-gradualdiff-smoke replicate-comparison replicate-comparison-smoke \
 	replicate-fedcybgd replicate-fedcybgd-smoke

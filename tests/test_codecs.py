@@ -61,7 +61,10 @@ def test_unknown_spec_is_one_line_config_error(spec):
         make_codec(spec, key="comm.up")
     msg = str(exc.value)
     assert msg.startswith(f"comm.up={spec}: ") and "\n" not in msg
-    assert "int8[@B]" in msg and "topkF" in msg and "randkF" in msg
+    if spec in ("topk0", "topk1.5"):  # well-formed but out of range: says what is wrong with the fraction
+        assert f"the topk fraction {spec[4:]} must be in (0, 1]" in msg
+    else:
+        assert "int8[@B]" in msg and "topkF" in msg and "randkF" in msg
 
 
 # ---- round trips ---------------------------------------------------------------------------------
