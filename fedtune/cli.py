@@ -73,9 +73,17 @@ def precheck(argv: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from fedtune.config import build, validate
+    from fedtune.data.sources import check_data
 
+    parser = OverridesParser.create()
+    for override in overrides:  # one at a time, so a value Hydra's grammar cannot read is named
+        try:
+            parser.parse_overrides([override])
+        except HydraException as err:
+            raise ConfigError(unparsable_line(override, str(err), multirun="-m" in argv or "--multirun" in argv)) \
+                from None
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = parser.parse_overrides(overrides)
         jobs = [combo for batch in BasicSweeper.split_arguments(parsed, None) for combo in batch]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             for combo in jobs:
@@ -84,8 +92,32 @@ def precheck(argv: list[str]) -> None:
                 validate(cfg)
                 for node in (cfg.strategy, cfg.partition):  # their constructors check their settings
                     build(node)
+                check_data(cfg.data)  # data.path exists, data=files' columns are in its header
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
+
+
+def unparsable_line(override: str, error: str, *, multirun: bool = False) -> str:
+    """One line for an override Hydra's grammar rejects (``~``, ``#``, ``'``, non-ASCII ... in an
+    unquoted value): which character, and the override quoted so that Hydra reads it as a string."""
+    key, sep, value = override.partition("=")
+    where = ""
+    lines = error.splitlines()
+    if lines and lines[0].startswith("LexerNoViableAltException: ") and len(lines) > 1 and "^" in lines[1]:
+        pos = lines[1].index("^") - len("LexerNoViableAltException: ")
+        if 0 <= pos < len(override):
+            where = f" at {override[pos]!r}"
+    if not sep:
+        return f"{override}: Hydra cannot parse this argument{where} (expected key=value)"
+    parts = value.split(",") if multirun and "," in value else [value]  # a sweep: quote each value
+    if not any('"' in v for v in parts):
+        quoted = ",".join(f'"{v}"' for v in parts)
+        shell = f"'{key}={quoted}'" if "'" not in quoted else f'"{key}={quoted.replace(chr(34), chr(92) + chr(34))}"'
+    else:
+        quoted = ",".join("'" + v.replace("'", "\\'") + "'" for v in parts)
+        shell = "'" + f"{key}={quoted}".replace("'", "'\\''") + "'"
+    return (f"{override}: Hydra's override grammar cannot read this value{where}; quote it for Hydra, inside "
+            f"shell quotes: {shell}")
 
 
 def _refuse_unread_keys(combo: list[str], cfg: DictConfig) -> None:

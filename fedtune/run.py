@@ -27,7 +27,7 @@ from fedtune.models.quant import base_bytes
 from fedtune.seeding import sample_clients
 from fedtune.sinks import ConsoleSink, JsonlSink, Sinks, dumps
 from fedtune.strategies.aggregate import all_finite
-from fedtune.train.evaluate import evaluate
+from fedtune.train.evaluate import below_majority, evaluate, majority_accuracy
 from fedtune.world import build_world, client_runtime, make_channel, resolve_device
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,13 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
         "data/truncated_train": task.train.num_truncated,
         "data/truncated_eval": task.eval.num_truncated,
         "partition/sizes": [len(shards[c]) for c in range(cfg.num_clients)],
+        "data/eval_from": splits.info.get("eval_from"),  # the file (or hold-out) eval came from
     }
+    majority = majority_accuracy(task)  # classification: the accuracy a model that learned nothing gets
+    if majority is not None:
+        start_info["eval/majority_accuracy"] = majority[0]
+        log.info("eval: %d examples from %s; majority-class accuracy %.4f (always %r)", len(task.eval),
+                 start_info["data/eval_from"], majority[0], majority[1])
     log.info("model: %d trainable / %d params | clients: %s examples | device %s",
              trainable_params, total_params, start_info["partition/sizes"], device)
     try:
@@ -251,6 +257,8 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
         }
         sinks.summary({k: v for k, v in summary.items() if k not in ("final", "choices")})
         (out_dir / "summary.json").write_text(dumps(summary, indent=2, sort_keys=True))
+        if warning := below_majority(last, majority):
+            log.warning(warning)
         return summary
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(round_idx, saved_round, cfg.num_rounds, out_dir)) from None

@@ -90,18 +90,19 @@ def test_output_dir_and_resume_keep_hydra_files_and_log_in_the_run(monkeypatch, 
 
 def test_a_run_failing_at_start_up_leaves_no_folder(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
+    quick = [o for o in QUICK if not o.startswith("data.")]  # FAST's sizes are the synthetic source's
     bad = tmp_path / "bad.csv"
-    bad.write_text("a,b\n1,2\n")  # no text/label columns: found while loading, after Hydra started
-    assert _main(monkeypatch, *QUICK, "data=files", f"data.path={bad}", "data.task=classify") == 2
-    assert capsys.readouterr().err.startswith("fedtune: error: ")
+    bad.write_text("text,label\nhi,x\nho,x\nhe,x\n")  # a single class: found while loading, after Hydra started
+    assert _main(monkeypatch, *quick, "data=files", f"data.path={bad}", "data.task=classify") == 2
+    assert "single class" in capsys.readouterr().err
     assert not _runs(tmp_path)
     given = tmp_path / "given"
-    assert _main(monkeypatch, *QUICK, "data=files", f"data.path={bad}", "data.task=classify",
+    assert _main(monkeypatch, *quick, "data=files", f"data.path={bad}", "data.task=classify",
                  f"output_dir={given}") == 2
     assert not given.exists()
     existing = tmp_path / "existing"  # a folder the user made is never removed
     existing.mkdir()
-    assert _main(monkeypatch, *QUICK, "data=files", f"data.path={bad}", "data.task=classify",
+    assert _main(monkeypatch, *quick, "data=files", f"data.path={bad}", "data.task=classify",
                  f"output_dir={existing}") == 2
     assert existing.exists()
 

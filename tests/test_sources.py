@@ -118,8 +118,8 @@ def test_folder_prefers_dev_over_unlabeled_test(tmp_path: Path) -> None:
     write(tmp_path / "dev.tsv", "sentence\tlabel\nok\t1\n")
     write(tmp_path / "test.tsv", "index\tsentence\n0\tunlabeled\n")
     s = load("sst2", path=str(tmp_path))
-    assert (len(s.train), len(s.eval), s.info["eval_from"]) == (2, 1, "dataset")
-    assert s.info["files"]["eval"].endswith("dev.tsv")
+    assert (len(s.train), len(s.eval)) == (2, 1)
+    assert s.info["files"]["eval"].endswith("dev.tsv") and s.info["eval_from"] == str(tmp_path / "dev.tsv")
 
 
 def test_save_to_disk_folder(tmp_path: Path) -> None:
@@ -275,7 +275,7 @@ def test_files_config_errors(tmp_path: Path) -> None:
     assert "data.columns.answer: unknown key" in config_error(
         sources.files, path=f, task="generate", columns={"answer": "a"}
     )
-    b = str(write(tmp_path / "b.csv", "text,category\nhi,greet\n"))
+    b = str(write(tmp_path / "b.csv", "text,category\nhi,greet\nbye,leave\n"))
     assert "data=banking77 yields classify" in config_error(load, "banking77", path=b, task="generate")
 
 

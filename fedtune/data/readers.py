@@ -5,6 +5,10 @@ quoting OFF, as in GLUE: a ``"`` is an ordinary character), ``.json`` (a list of
 object holding one such list; a ``.json`` file that is really JSON Lines is read as such),
 ``.jsonl`` / ``.ndjson``, ``.parquet``, and folders written by ``datasets``' ``save_to_disk``.
 CSV / TSV cells stay strings (no type guessing: a sentence reading ``null`` stays ``"null"``).
+A CSV / TSV file's first row is its header; with ``header=False`` (``data.header=false``, e.g. GLUE's
+CoLA, whose ``train.tsv`` / ``dev.tsv`` have none) every row is data and the columns are named by
+their 0-based position: ``"0"``, ``"1"``, ... A header naming a column twice is an error (one line
+naming the duplicates), never a silent "the last one wins".
 
 A folder holds one file per split, found by name: ``train.*`` and the first present of
 ``validation``, ``valid``, ``val``, ``dev``, ``eval``, ``test`` (so GLUE's unlabeled ``test.tsv``
@@ -87,14 +91,14 @@ class Table:
 
 
 def load_tables(
-    *, path: str | None, hub_id: str | None, on_bad_rows: str, hub_config: str | None = None
+    *, path: str | None, hub_id: str | None, on_bad_rows: str, hub_config: str | None = None, header: bool = True
 ) -> tuple[dict[str, Table], dict[str, Any]]:
     """Tables from ``path`` when set, else from ``datasets.load_dataset(hub_id, hub_config)``.
 
     Also returns the start of ``Splits.info``: where the rows came from and how many were read.
     """
     if path is not None:
-        tables = read_path(path, on_bad_rows=on_bad_rows)
+        tables = read_path(path, on_bad_rows=on_bad_rows, header=header)
         info: dict[str, Any] = {"path": str(path)}
     elif hub_id:
         tables = _read_hub(hub_id, hub_config=hub_config, on_bad_rows=on_bad_rows)
@@ -113,35 +117,59 @@ def present(value: Any) -> bool:
     return not (isinstance(value, str) and not value.strip())
 
 
-def read_path(path: str | Path, *, on_bad_rows: str = "fail") -> dict[str, Table]:
-    """Read a file or folder into ``{"train": Table}`` plus ``"eval"`` when the folder has one.
+def data_files(path: str | Path) -> dict[str, tuple[Path, str]] | None:
+    """Which file each split comes from: ``{"train": (file, where), ["eval": ...]}``.
 
-    ``path`` is used as given (relative to the working directory) and shown as given in errors.
+    None for a ``save_to_disk`` folder (its splits are not files). Raises the same one-line errors as
+    :func:`read_path` for a missing path or a folder without a recognisable layout.
     """
     given = str(path)
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"data.path={given}: no such file or folder")
     if p.is_dir() and _is_saved_dataset(p):
-        return _read_saved_dataset(p, given=given, on_bad_rows=on_bad_rows)
+        return None
     if p.is_dir():
-        return {split: read_file(f, on_bad_rows=on_bad_rows) for split, f in _split_files(p, given).items()}
-    return {"train": read_file(p, on_bad_rows=on_bad_rows, where=given)}
+        return {split: (f, str(f)) for split, f in _split_files(p, given).items()}
+    return {"train": (p, given)}
 
 
-def read_file(path: Path, *, on_bad_rows: str = "fail", where: str | None = None) -> Table:
-    """Read one data file; the format follows the file name's suffix."""
-    where = where or str(path)
-    bad = BadRows(policy=on_bad_rows, where=where)
+def read_path(path: str | Path, *, on_bad_rows: str = "fail", header: bool = True) -> dict[str, Table]:
+    """Read a file or folder into ``{"train": Table}`` plus ``"eval"`` when the folder has one.
+
+    ``path`` is used as given (relative to the working directory) and shown as given in errors.
+    """
+    files = data_files(path)
+    if files is None:
+        if not header:
+            raise ConfigError(f"data.header=false: data.path={path} is a save_to_disk folder; only .csv/.tsv "
+                              "files can lack a header row")
+        return _read_saved_dataset(Path(path).expanduser(), given=str(path), on_bad_rows=on_bad_rows)
+    return {split: read_file(f, on_bad_rows=on_bad_rows, where=where, header=header)
+            for split, (f, where) in files.items()}
+
+
+def _check_suffix(path: Path, where: str, *, header: bool) -> str:
     suffix = path.suffix.lower()
     if suffix not in _SUFFIXES:
         raise ConfigError(
             f"{where}: unsupported file type {suffix or '(none)'}; use one of {', '.join(_SUFFIXES)}"
         )
+    if not header and suffix not in (".csv", ".tsv"):
+        raise ConfigError(f"data.header=false: {where} is a {suffix} file; only .csv/.tsv files can lack a "
+                          "header row (drop data.header=false)")
+    return suffix
+
+
+def read_file(path: Path, *, on_bad_rows: str = "fail", where: str | None = None, header: bool = True) -> Table:
+    """Read one data file; the format follows the file name's suffix."""
+    where = where or str(path)
+    bad = BadRows(policy=on_bad_rows, where=where)
+    suffix = _check_suffix(path, where, header=header)
     if path.stat().st_size == 0:
         raise ConfigError(f"{where}: empty file")
     if suffix in (".csv", ".tsv"):
-        columns, rows = _read_delimited(path, tsv=suffix == ".tsv", bad=bad)
+        columns, rows = _read_delimited(path, tsv=suffix == ".tsv", bad=bad, header=header)
     elif suffix == ".parquet":
         columns, rows = _read_parquet(path, where=where)
     else:
@@ -172,20 +200,67 @@ def _split_files(folder: Path, given: str) -> dict[str, Path]:
     )
 
 
-def _read_delimited(path: Path, *, tsv: bool, bad: BadRows) -> tuple[list[str], list[Row]]:
+def file_columns(path: Path, *, where: str, header: bool = True) -> list[str] | None:
+    """The column names of a data file from its first row (CSV / TSV) or schema (Parquet), reading
+    nothing more: what the CLI's pre-check compares ``data.columns`` against. None for JSON formats,
+    whose columns are the union over all rows."""
+    suffix = _check_suffix(path, where, header=header)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            names = list(pq.read_schema(path).names)
+        except Exception:  # noqa: BLE001 - an unreadable file is reported, in one line, when it is read
+            return None
+        _refuse_duplicates(names, where=where)
+        return names
+    if suffix not in (".csv", ".tsv") or path.stat().st_size == 0:
+        return None
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = _delimited_reader(f, tsv=suffix == ".tsv")
+        first = _read_header(reader, where=where)
+    if not first:
+        return None
+    if not header:
+        return [str(i) for i in range(len(first))]
+    _refuse_duplicates(first, where=where)
+    return first
+
+
+def _refuse_duplicates(names: list[str], *, where: str) -> None:
+    """A column named twice: rows would silently keep the last one's values."""
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        shown = ", ".join(repr(n) for n in dupes)
+        raise ConfigError(f"{where}: duplicate column names {shown} in the header (rows would keep only the last "
+                          "one's values); rename them")
+
+
+def _delimited_reader(f: Any, *, tsv: bool) -> Any:
     # strict: an unclosed quote is an error at EOF, not a silent swallow of every later row
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
-    delimiter = "\t" if tsv else ","
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long documents are fine
+    return csv.reader(f, delimiter="\t" if tsv else ",", quoting=quoting, strict=True)
+
+
+def _read_delimited(path: Path, *, tsv: bool, bad: BadRows, header: bool = True) -> tuple[list[str], list[Row]]:
+    delimiter = "\t" if tsv else ","
     rows: list[Row] = []
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
-        header, row_no = _read_header(reader, where=bad.where), 0
-        if not header:
-            raise ConfigError(f"{bad.where}: empty file: no header row")
+        reader = _delimited_reader(f, tsv=tsv)
+        first, row_no = _read_header(reader, where=bad.where), 0
+        if not first:
+            raise ConfigError(f"{bad.where}: empty file: no header row" if header else f"{bad.where}: empty file")
+        pending: list[list[str]] = []
+        if header:
+            _refuse_duplicates(first, where=bad.where)
+            names = first
+        else:  # every row is data; columns are named by 0-based position
+            names = [str(i) for i in range(len(first))]
+            pending.append(first)
         while True:
             try:
-                fields = next(reader)
+                fields = pending.pop() if pending else next(reader)
             except StopIteration:
                 break
             except csv.Error as e:
@@ -196,13 +271,13 @@ def _read_delimited(path: Path, *, tsv: bool, bad: BadRows) -> tuple[list[str], 
                 continue
             row_no += 1
             where = f"line {reader.line_num}"
-            if len(fields) != len(header):
-                bad.hit(row_no, f"{where}: expected {len(header)} fields, got {len(fields)}")
+            if len(fields) != len(names):
+                bad.hit(row_no, f"{where}: expected {len(names)} fields, got {len(fields)}")
             elif _UNDECODABLE.search(delimiter.join(fields)):
                 bad.hit(row_no, f"{where}: bytes that are not valid UTF-8")
             else:
-                rows.append(dict(zip(header, fields)))
-    return header, rows
+                rows.append(dict(zip(names, fields)))
+    return names, rows
 
 
 def _read_header(reader: Any, *, where: str) -> list[str] | None:
@@ -266,6 +341,7 @@ def _read_parquet(path: Path, *, where: str) -> tuple[list[str], list[Row]]:
     import pyarrow.parquet as pq
 
     try:
+        _refuse_duplicates(list(pq.read_schema(path).names), where=where)
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -313,10 +389,12 @@ def dataset_tables(loaded: Any, *, where: str, on_bad_rows: str) -> dict[str, Ta
         picked = {"train": names.get("train")}
         picked["eval"] = next((names[n] for n in EVAL_SPLIT_NAMES if n in names), None)
         parts = {split: loaded[name] for split, name in picked.items() if name is not None}
+        split_names = {split: name for split, name in picked.items() if name is not None}
         if "train" not in parts:
             raise ConfigError(f"{where}: no 'train' split; splits: {', '.join(loaded.keys())}")
     else:
         parts = {"train": loaded}
+        split_names = {"train": "train"}
     tables = {}
     for split, ds in parts.items():
         rows = ds.to_list()
@@ -324,7 +402,7 @@ def dataset_tables(loaded: Any, *, where: str, on_bad_rows: str) -> dict[str, Ta
             if isinstance(feature, datasets.ClassLabel):
                 for r in rows:
                     r[col] = feature.names[r[col]] if r[col] is not None and r[col] >= 0 else None
-        where_split = f"{where}[{split}]"
+        where_split = f"{where}[{split_names[split]}]"  # the dataset's own split name, e.g. [test]
         tables[split] = Table(
             rows=rows,
             columns=list(ds.column_names),

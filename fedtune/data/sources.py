@@ -21,14 +21,17 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fedtune.config import build
-from fedtune.data.readers import BadRow, Row, Table, load_tables, present
+from fedtune.data.readers import BadRow, Row, Table, data_files, file_columns, load_tables, present
 from fedtune.data.schema import TASKS, Example, Splits
 from fedtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 _INT = re.compile(r"-?\d+")
-_SCHEMA_COLUMNS = {"generate": ("prompt", "response"), "classify": ("text", "text_pair", "label")}
+# text_pair: optional in both tasks (classify: set, or a column of that name; generate: set only, and
+# then the prompt is prompt + newline + text_pair)
+_SCHEMA_COLUMNS = {"generate": ("prompt", "response", "text_pair"), "classify": ("text", "text_pair", "label")}
+_FILES_TARGET = "fedtune.data.sources.files"
 _ALL_SCHEMA_COLUMNS = {k for keys in _SCHEMA_COLUMNS.values() for k in keys}
 
 
@@ -51,13 +54,16 @@ def load_splits(data_cfg: DictConfig) -> Splits:
             f"set data.task={splits.task} (use data.classify_with to train classification as text)"
         )
     seed = int(data_cfg.get("seed", 0))
-    if splits.eval:
-        splits.info["eval_from"] = "dataset"
+    files = splits.info.get("files", {})
+    if splits.eval:  # the file (or hub split) it came from, as the log and summary.json name it
+        splits.info["eval_from"] = splits.info.get("eval_from") or files.get("eval") or "the dataset's eval split"
     else:
         fraction = float(data_cfg.get("eval_fraction", 0.0) or 0.0)
         group_key = splits.info.get("holdout_group")
         splits.train, splits.eval = hold_out(splits.train, fraction=fraction, seed=seed, group_key=group_key)
-        splits.info["eval_from"] = f"held out eval_fraction={fraction} of train, seed={seed}"
+        splits.info["eval_from"] = (f"held out from {files.get('train', 'train')}: data.eval_fraction={fraction}, "
+                                    f"data.seed={seed}")
+    log.info("data=%s: eval split from %s", data_cfg.get("name"), splits.info["eval_from"])
     splits.eval, dropped = drop_overlap(splits.eval, splits.train)
     splits.info["num_eval_overlap_dropped"] = dropped
     if dropped:
@@ -153,7 +159,8 @@ def banking77(
         mapped[split] = table.map(
             lambda r, c=label_col: [{"text": _text(r, "text"), "label": _label_key(r, c)}]
         )
-    return _finish(mapped, tables, task="classify", info=info)
+    train_label = "label" if "label" in tables["train"].columns else "category"
+    return _finish(mapped, tables, task="classify", info=info, label_what=f"column {train_label!r}")
 
 
 def sst2(
@@ -221,6 +228,7 @@ def counsel_chat(
             "eval": [ex for ex in rows if ex["split"] in eval_splits],
         }
         info["num_rows_unused"] = len(rows) - len(mapped["train"]) - len(mapped["eval"])
+        info["eval_from"] = f"{info['files']['train']} rows with split in {', '.join(eval_splits)}"
     for part in mapped.values():
         for ex in part:
             del ex["split"]
@@ -264,38 +272,27 @@ def files(
     *,
     path: str | None,
     task: str,
-    columns: Mapping[str, str | None] | None = None,
+    columns: Mapping[str, str | int | None] | None = None,
     label_names: Sequence[str] | None = None,
     hub_id: str | None = None,
     on_bad_rows: str = "fail",
+    header: bool = True,
 ) -> Splits:
     """Any local CSV / TSV / JSON / JSONL / Parquet file or save_to_disk folder, via a column mapping.
 
     ``columns`` maps schema keys (``prompt``, ``response`` | ``text``, ``text_pair``, ``label``) to
-    the file's columns; an unset key uses the column of the same name (``text_pair`` only if there).
-    Other scalar columns are kept. ``label_names`` fixes the label order (labels may then be indices).
+    the file's columns; an unset key uses the column of the same name (``text_pair``: classify uses a
+    column of that name if there; generate only when set, and then the prompt is the ``prompt`` column,
+    a newline, and the ``text_pair`` column). Other scalar columns are kept. ``label_names`` fixes the
+    label order (labels may then be indices). ``header=False`` (CSV / TSV without a header row, e.g.
+    CoLA): every key used must be given as a 0-based column position (``data.columns.text=3``).
     """
-    if hub_id is not None:
-        raise ConfigError(f"data.hub_id={hub_id}: data=files reads local files only; use data.path=")
-    if path is None:
-        raise ConfigError("data=files needs data.path=<file or folder>")
-    if task not in TASKS:
-        raise ConfigError(f"data.task={task}: must be one of {', '.join(TASKS)}")
-    columns = dict(columns or {})
-    unknown = sorted(set(columns) - _ALL_SCHEMA_COLUMNS)
-    if unknown:
-        raise ConfigError(
-            f"data.columns.{unknown[0]}: unknown key; use prompt, response, text, text_pair, label"
-        )
-    unused = sorted(k for k, v in columns.items() if v is not None and k not in _SCHEMA_COLUMNS[task])
-    if unused:
-        log.warning("data.columns.%s is set but unused with data.task=%s", unused[0], task)
-    tables, info = load_tables(path=path, hub_id=None, on_bad_rows=on_bad_rows)
-    wanted = {k: columns.get(k) or k for k in _SCHEMA_COLUMNS[task]}
-    if task == "classify" and not columns.get("text_pair") and "text_pair" not in tables["train"].columns:
-        del wanted["text_pair"]
-    for key, col in wanted.items():
-        _require(tables, col, why=f"data.columns.{key}")
+    columns = _files_settings(path=path, task=task, columns=columns, hub_id=hub_id, header=header)
+    tables, info = load_tables(path=path, hub_id=None, on_bad_rows=on_bad_rows, header=header)
+    train = tables["train"]
+    wanted = _wanted(task, columns, train.columns)
+    for table in tables.values():
+        _check_columns(wanted, table.columns, where=table.where, header=header)
     names = list(label_names) if label_names is not None else None
     used = set(wanted.values()) | _ALL_SCHEMA_COLUMNS
 
@@ -305,12 +302,116 @@ def files(
         }
         for key, col in wanted.items():
             ex[key] = _text(row, col) if key != "label" else _label_key(row, col)
+        if task == "generate" and "text_pair" in ex:  # a sentence pair as one prompt
+            ex["prompt"] = f"{ex['prompt']}\n{ex.pop('text_pair')}"
         if names is not None and "label" in ex:
             ex["label"] = _encode_fixed(ex["label"], names)
         return [ex]
 
     mapped = {split: table.map(row_fn) for split, table in tables.items()}
-    return _finish(mapped, tables, task=task, info=info, label_names=names)
+    label_what = f"data.columns.label={columns['label']}" if columns.get("label") is not None else "column 'label'"
+    return _finish(mapped, tables, task=task, info=info, label_names=names, label_what=label_what)
+
+
+def _files_settings(
+    *, path: Any, task: Any, columns: Mapping[str, Any] | None, hub_id: Any, header: Any
+) -> dict[str, str | None]:
+    """Check ``data=files``' settings (no file read); the column mapping with positions as strings."""
+    if hub_id is not None:
+        raise ConfigError(f"data.hub_id={hub_id}: data=files reads local files only; use data.path=")
+    if path is None:
+        raise ConfigError("data=files needs data.path=<file or folder>")
+    if task not in TASKS:
+        raise ConfigError(f"data.task={task}: must be one of {', '.join(TASKS)}")
+    if not isinstance(header, bool):
+        raise ConfigError(f"data.header={header}: must be true or false")
+    given = dict(columns or {})
+    unknown = sorted(set(given) - _ALL_SCHEMA_COLUMNS)
+    if unknown:
+        raise ConfigError(
+            f"data.columns.{unknown[0]}: unknown key; use prompt, response, text, text_pair, label"
+        )
+    unused = sorted(k for k, v in given.items() if v is not None and k not in _SCHEMA_COLUMNS[task])
+    if unused:
+        log.warning("data.columns.%s is set but unused with data.task=%s", unused[0], task)
+    out: dict[str, str | None] = {}
+    for key, col in given.items():
+        if col is None or header:
+            out[key] = None if col is None else str(col)
+        elif isinstance(col, int) and not isinstance(col, bool) and col >= 0 or (
+                isinstance(col, str) and col.strip().isdigit()):
+            out[key] = str(int(col))
+        else:
+            raise ConfigError(f"data.columns.{key}={col}: with data.header=false a column is its 0-based "
+                              f"position in the row, an integer >= 0 (e.g. data.columns.{key}=3)")
+    if not header:
+        for key in _SCHEMA_COLUMNS[task]:
+            if key != "text_pair" and out.get(key) is None:
+                raise ConfigError(f"data.columns.{key}: with data.header=false the file has no column names; give "
+                                  f"its 0-based position (data.columns.{key}=N)")
+    return out
+
+
+def _wanted(task: str, columns: Mapping[str, str | None], available: Sequence[str]) -> dict[str, str]:
+    """Schema key -> the file column it reads (an unset key: the column of its own name)."""
+    wanted = {}
+    for key in _SCHEMA_COLUMNS[task]:
+        col = columns.get(key)
+        if key == "text_pair" and col is None and (task == "generate" or "text_pair" not in available):
+            continue  # optional
+        wanted[key] = col if col is not None else key
+    return wanted
+
+
+def _check_columns(wanted: Mapping[str, str], available: Sequence[str], *, where: str, header: bool) -> None:
+    """One line naming the key for a mapped column the file lacks (or a position past its last column)."""
+    for key, col in wanted.items():
+        if col in available:
+            continue
+        if not header:
+            raise ConfigError(f"data.columns.{key}={col}: no column at 0-based position {col}; {where} has "
+                              f"{len(available)} columns (positions 0-{len(available) - 1})")
+        names = ", ".join(repr(c) for c in available)
+        hint = ("; a file without a header row? pass data.header=false and give columns by 0-based position"
+                if where.lower().endswith((".csv", ".tsv")) else "")
+        raise ConfigError(f"{where}: no column {col!r} (data.columns.{key}); available: {names}{hint}")
+
+
+def check_data(data_cfg: DictConfig) -> None:
+    """What the CLI's pre-check verifies of the data for one job, reading no more than file headers.
+
+    ``data.path`` must exist (any source); for ``data=files`` its settings must be valid and every
+    mapped column must be in the header of the train (and eval) file (CSV / TSV: the first row;
+    Parquet: the schema; JSON formats, whose columns are the union over all rows, and save_to_disk
+    folders are checked when loaded). Sources without a path (synthetic, the hub) cost nothing.
+    """
+    from omegaconf import OmegaConf
+
+    source = data_cfg.get("source")
+    if not isinstance(source, DictConfig) or source.get("path") is None:
+        if source is not None and source.get("_target_") == _FILES_TARGET:
+            raise ConfigError("data=files needs data.path=<file or folder>")
+        return
+    kw = OmegaConf.to_container(source, resolve=True)
+    assert isinstance(kw, dict)
+    header = kw.get("header", True)
+    columns: dict[str, str | None] = {}
+    if kw.get("_target_") == _FILES_TARGET:
+        columns = _files_settings(path=kw["path"], task=kw.get("task"), columns=kw.get("columns"),
+                                  hub_id=kw.get("hub_id"), header=header)
+    found = data_files(kw["path"])  # a missing path: one line, whatever the source
+    if kw.get("_target_") != _FILES_TARGET or found is None:
+        return
+    wanted = None
+    for split in ("train", "eval"):
+        if split not in found:
+            continue
+        file, where = found[split]
+        available = file_columns(file, where=where, header=header)
+        if available is None:
+            continue
+        wanted = wanted or _wanted(kw["task"], columns, available)
+        _check_columns(wanted, available, where=where, header=header)
 
 
 def _finish(
@@ -320,8 +421,13 @@ def _finish(
     task: str,
     info: dict[str, Any],
     label_names: list[str] | None = None,
+    label_what: str = "column 'label'",
 ) -> Splits:
-    """Build Splits; for classify without fixed ``label_names``, derive them and encode labels."""
+    """Build Splits; for classify without fixed ``label_names``, derive them and encode labels.
+
+    A classification train split with a single class is refused (a classifier would reach accuracy
+    1.0 on it learning nothing); ``label_what`` names the label column in that message.
+    """
     if task == "classify" and label_names is None:
         keys = {ex["label"] for part in mapped.values() for ex in part}
         numeric = all(_INT.fullmatch(k) for k in keys)
@@ -330,6 +436,15 @@ def _finish(
         for part in mapped.values():
             for ex in part:
                 ex["label"] = index[ex["label"]]
+    if task == "classify" and mapped["train"]:
+        classes = {ex["label"] for ex in mapped["train"]}
+        if len(classes) == 1:
+            (only,) = classes
+            name = label_names[only] if label_names and isinstance(only, int) else only
+            raise ConfigError(
+                f"{tables['train'].where}: {label_what} has a single class ({name!r}) in all "
+                f"{len(mapped['train'])} training rows; classification needs at least 2 (check the label column)"
+            )
     info["num_rows_skipped"] = sum(t.bad.count for t in tables.values())
     if info["num_rows_skipped"]:
         log.warning(
@@ -356,10 +471,16 @@ def _text(row: Row, column: str, *, required: bool = True) -> str:
 
 
 def _label_key(row: Row, column: str) -> str:
-    """A label value as a name: strings stripped, integral floats without the decimal point."""
+    """A label value as a name: strings stripped, integral floats without the decimal point.
+
+    A missing label is a bad row: empty, null, a float NaN, or the text ``NaN`` / ``nan`` (how pandas
+    and spreadsheets write a missing value), never a class named "NaN".
+    """
     value = row.get(column)
     if not present(value):
         raise BadRow(f"empty {column!r}")
+    if isinstance(value, str) and value.strip().lower() == "nan":
+        raise BadRow(f"missing label {value.strip()!r} in {column!r}")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value).strip()

@@ -55,7 +55,8 @@ def make_splits(*, num_train: int = 600, num_eval: int = 60, seed: int = 0) -> S
     eval_rows = [_distinct(rng, t, taken, exhausted, split="eval") for t in topics[num_train:]]
     eval_keys = set(taken)
     train_rows = [_distinct(rng, t, taken, exhausted, split="train", avoid=eval_keys) for t in topics[:num_train]]
-    return Splits(train=train_rows, eval=eval_rows, task="generate", info={"source": "synthetic"})
+    return Splits(train=train_rows, eval=eval_rows, task="generate", info={"source": "synthetic",
+                                                                   "eval_from": "synthetic (data.source.num_eval)"})
 
 
 def _distinct(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from tokenizers import models as tokenizer_models
@@ -98,6 +102,28 @@ def bleu_reference(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
 def bleu_examples(task: TaskData, n: int) -> list[Example]:
     """The eval examples BLEU generates for: a random draw of ``n`` seeded by the data seed alone."""
     return subsample(task.eval_examples, n, seed=task.seed, purpose="eval.bleu_samples")
+
+
+def majority_accuracy(task: TaskData) -> tuple[float, str] | None:
+    """(accuracy of always answering the eval set's most frequent class, that class's name); None for
+    generation or an empty eval set. What a classifier that learned nothing scores: the floor its
+    ``eval/accuracy`` must clear (logged at the start as ``eval/majority_accuracy``)."""
+    if task.kind == "generate" or not task.eval_examples:
+        return None
+    counts = Counter(ex["label"] for ex in task.eval_examples)
+    label, count = max(counts.items(), key=lambda kv: (kv[1], -kv[0]))  # ties: the lower index
+    name = task.label_names[label] if task.label_names else str(label)
+    return count / len(task.eval_examples), name
+
+
+def below_majority(final: Mapping[str, Any], majority: tuple[float, str] | None) -> str | None:
+    """The end-of-run warning when the final ``eval/accuracy`` is not above the majority-class rate."""
+    accuracy = final.get("eval/accuracy")
+    if majority is None or accuracy is None or accuracy > majority[0]:
+        return None
+    return (f"final eval/accuracy {accuracy:.4f} is not above the eval set's majority-class accuracy "
+            f"{majority[0]:.4f} (always answering {majority[1]!r}): this run learned nothing beyond the "
+            "label frequencies")
 
 
 @torch.no_grad()
