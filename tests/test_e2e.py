@@ -78,13 +78,18 @@ def test_local_reports_each_client_and_mean(run_fedtune):
     assert row["eval/loss"] == pytest.approx(sum(per_client) / 2)
 
 
-def test_fedavg_equals_gradualdiff_end_to_end(run_fedtune):
-    _, a = run_fedtune("strategy=fedavg", "strategy.weighting=uniform")
-    _, b = run_fedtune("strategy=gradualdiff", "strategy.weighting=uniform", "strategy.server_lr=1.0")
+@pytest.mark.parametrize(("rounds", "atol"), [(1, 1e-7), (2, 1e-4)])
+def test_fedavg_equals_gradualdiff_end_to_end(run_fedtune, rounds, atol):
+    # mean(theta_i) vs theta_g + mean(theta_i - theta_g): equal up to fp32 rounding after one round
+    # (measured 2e-9); the next round's AdamW steps divide by sqrt(v) of tiny gradients and amplify that
+    # rounding (measured 2e-5 on values of ~0.1 after two rounds), hence the looser bound there.
+    _, a = run_fedtune("strategy=fedavg", "strategy.weighting=uniform", f"num_rounds={rounds}")
+    _, b = run_fedtune("strategy=gradualdiff", "strategy.weighting=uniform", "strategy.server_lr=1.0",
+                       f"num_rounds={rounds}")
     sa, sb = _adapter_state(a), _adapter_state(b)
     assert sa.keys() == sb.keys()
     for k in sa:
-        assert torch.allclose(sa[k], sb[k], atol=1e-5), k
+        assert torch.allclose(sa[k], sb[k], atol=atol, rtol=0), k
 
 
 def _without_time(rows):
