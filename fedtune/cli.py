@@ -93,6 +93,10 @@ def precheck(argv: list[str]) -> None:
                 for node in (cfg.strategy, cfg.partition):  # their constructors check their settings
                     build(node)
                 check_data(cfg.data)  # data.path exists, data=files' columns are in its header
+                if "name_or_path" in cfg.model:  # a pretrained model: its source exists (nothing loaded)
+                    from fedtune.models.pretrained import check_source
+
+                    check_source(cfg.model.name_or_path, name=cfg.model.name, packaged=cfg.model.get("packaged"))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
 

@@ -27,6 +27,8 @@ BAD = [
     (["comm.up=zip"], "comm.up=zip"),
     (["-m", "lora.r=4,0"], "lora.r=0"),
     (["+clients.dropout=0.5"], "clients.dropout: no such config key, and nothing reads it"),
+    (["-m", "model=smollm2-135m", "model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct,/nonexistent/model"],
+     "model.name_or_path=/nonexistent/model: no such folder"),
     (["+strategy.foo=1"], "strategy.foo: FedAvg has no setting foo"),
     (["-m", "strategy.mode=sync,bogus"], "strategy.mode=bogus"),
     (["-m", "partition=dirichlet", "partition.alpha=1,-1"], "partition.alpha"),

@@ -139,6 +139,23 @@ def resolve(name_or_path: str | None, *, name: str, packaged: Mapping[str, Any] 
     raise ConfigError(f"{KEY}={name_or_path}: not a local folder and {where}; {_fix(packaged)}")
 
 
+def check_source(name_or_path: str | None, *, name: str, packaged: Mapping[str, Any] | None = None) -> None:
+    """:func:`resolve`'s ConfigErrors without loading or converting anything (the CLI's pre-check of
+    every sweep job): a local folder must hold a model; otherwise the hub (cached or reachable) or the
+    packaged copy must be there."""
+    if name_or_path:
+        folder = Path(str(name_or_path)).expanduser()
+        if folder.is_dir() or str(name_or_path).startswith(("/", ".", "~")):
+            resolve(name_or_path, name=name)  # a local folder: checked, nothing loaded
+            return
+        if _in_hub_cache(str(name_or_path)) or hub_reachable():
+            return
+    if packaged and _package_dir(str(packaged["package"])) is not None:
+        return
+    where = "HF_HUB_OFFLINE is set" if offline() else "the hub is unreachable"
+    raise ConfigError(f"{KEY}={name_or_path}: not a local folder and {where}; {_fix(packaged)}")
+
+
 @functools.cache
 def _log_once(message: str) -> None:
     log.info(message)
