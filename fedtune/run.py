@@ -63,8 +63,8 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
     if resume and ckpt is None:
         raise ConfigError(f"resume={out_dir}: no checkpoint there (checkpoint/latest); start a new run instead")
     if ckpt is not None and ckpt["round_idx"] + 1 >= cfg.num_rounds:
-        raise ConfigError(f"resume={out_dir}: nothing left to run, its {ckpt['round_idx'] + 1} rounds are done "
-                          f"(num_rounds={cfg.num_rounds}); pass num_rounds=N with N > {ckpt['round_idx'] + 1} to "
+        raise ConfigError(f"resume={out_dir}: nothing left to run (rounds done: {ckpt['round_idx'] + 1} of "
+                          f"num_rounds={cfg.num_rounds}); pass num_rounds=N with N > {ckpt['round_idx'] + 1} to "
                           "extend it")
     if not resume and (out_dir / "metrics.jsonl").exists():
         raise ConfigError(f"output_dir={out_dir}: already holds a run (metrics.jsonl); choose a new folder")

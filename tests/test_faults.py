@@ -135,6 +135,6 @@ def test_resume_honours_only_run_length_and_placement(monkeypatch, tmp_path, cap
     assert len(err.splitlines()) == 1 and err.startswith("fedtune: error: lora.r: a resumed run keeps its own")
     assert main(f"resume={out}") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "nothing left to run, its 2 rounds are done" in err
+    assert len(err.splitlines()) == 1 and "nothing left to run (rounds done: 2 of num_rounds=2)" in err
     assert main(f"resume={out}", "num_rounds=3", "threads=1") == 0
     assert [r["round_idx"] for r in read_metrics(out)] == [0, 1, 2]
