@@ -45,7 +45,7 @@ mutation-check: install ## curated mutations applied to a scratch copy: every on
 	$(BIN)/python scripts/mutation_check.py $(MUTATION_ARGS)
 
 # ---- Paper replications (docs/replication.md). Each target is a few Hydra multiruns into
-# $(REPLICATION_DIR)/<name>/<timestamp>/, then scripts/report.py over that folder (tables + PNGs in
+# $(REPLICATION_DIR)/<name>/<timestamp>/, then fedtune-report over that folder (tables + PNGs in
 # its report/). `-smoke` forms run offline on 2 CPU cores with SmolLM2-135M and ../shared/data;
 # the full forms load the papers' models from the hub and want a GPU.
 REPLICATION_DIR ?= outputs/replication
@@ -61,14 +61,14 @@ replicate-gradualdiff-smoke: install ## GradualDiff-Fed, CPU smoke (~20 min): gr
 	$(BIN)/fedtune -m experiment=gradualdiff_loss_time_smoke strategy=gradualdiff,centralized seed=0 hydra.sweep.dir=$(D)/fed $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=gradualdiff_loss_time_smoke strategy=local eval.every=0 seed=0 hydra.sweep.dir=$(D)/local $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=gradualdiff_loss_time_smoke strategy=fedavg lora.enabled=false quant=none local.lr=5e-5 seed=0 hydra.sweep.dir=$(D)/full $(SMOKE_ARGS)
-	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+	$(BIN)/fedtune-report $(D) --out $(D)/report
 
 replicate-gradualdiff: install ## GradualDiff-Fed, full scale (Llama-2-7B nf4, hub + GPU): the same four strategies
 	$(eval D := $(REPLICATION_DIR)/gradualdiff/$(STAMP))
 	$(BIN)/fedtune -m experiment=gradualdiff_loss_time $(call data_path,counsel_chat) strategy=gradualdiff,centralized seed=0 hydra.sweep.dir=$(D)/fed $(FULL_ARGS)
 	$(BIN)/fedtune -m experiment=gradualdiff_loss_time $(call data_path,counsel_chat) strategy=local seed=0 hydra.sweep.dir=$(D)/local $(FULL_ARGS)
 	$(BIN)/fedtune -m experiment=gradualdiff_loss_time $(call data_path,counsel_chat) strategy=fedavg lora.enabled=false quant=none local.lr=2e-5 seed=0 hydra.sweep.dir=$(D)/full $(FULL_ARGS)
-	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+	$(BIN)/fedtune-report $(D) --out $(D)/report
 
 # KD's knobs go on its own multirun (fedavg and split have no public set); the smoke halves its server distillation.
 replicate-comparison-smoke: install ## framework comparison, CPU smoke (~20 min): fedavg vs kd vs split on Banking77, rank and split sweeps
@@ -77,14 +77,14 @@ replicate-comparison-smoke: install ## framework comparison, CPU smoke (~20 min)
 	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=kd strategy.public_samples=64 strategy.server_kd_steps=10 seed=0,1 hydra.sweep.dir=$(D)/kd $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=fedavg lora.r=4,8,16 num_rounds=1 seed=0 hydra.sweep.dir=$(D)/rank $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=comparison_banking77_smoke strategy=split strategy.split_layer=1,8,15 num_rounds=1 seed=0 hydra.sweep.dir=$(D)/split $(SMOKE_ARGS)
-	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+	$(BIN)/fedtune-report $(D) --out $(D)/report
 
 replicate-comparison: install ## framework comparison, full scale (GPT-2, 3 x 1,667, 100 rounds, seeds 0,1,42; hub + GPU)
 	$(eval D := $(REPLICATION_DIR)/comparison/$(STAMP))
 	$(BIN)/fedtune -m experiment=comparison_banking77 $(call data_path,banking77) strategy=fedavg,kd,split seed=0,1,42 hydra.sweep.dir=$(D)/main $(FULL_ARGS)
 	$(BIN)/fedtune -m experiment=comparison_banking77 $(call data_path,banking77) strategy=fedavg lora.r=4,8,16 seed=0,1,42 hydra.sweep.dir=$(D)/rank $(FULL_ARGS)
 	$(BIN)/fedtune -m experiment=comparison_banking77 $(call data_path,banking77) strategy=split strategy.split_layer=3,6,9 seed=0,1,42 hydra.sweep.dir=$(D)/split $(FULL_ARGS)
-	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+	$(BIN)/fedtune-report $(D) --out $(D)/report
 
 # FedCyBGD trains ONE client per round: num_clients x the FedAvg rounds gives every arm the same client updates.
 replicate-fedcybgd-smoke: install ## FedCyBGD, CPU smoke (~20 min): fedcybgd vs full-param and LoRA FedAvg on SST-2
@@ -92,14 +92,14 @@ replicate-fedcybgd-smoke: install ## FedCyBGD, CPU smoke (~20 min): fedcybgd vs 
 	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedcybgd strategy.num_blocks=3 num_rounds=18 eval.every=6 seed=0 hydra.sweep.dir=$(D)/fedcybgd $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedavg lora.enabled=false seed=0 hydra.sweep.dir=$(D)/full $(SMOKE_ARGS)
 	$(BIN)/fedtune -m experiment=fedcybgd_glue_smoke strategy=fedavg local.lr=1e-3 seed=0 hydra.sweep.dir=$(D)/lora $(SMOKE_ARGS)
-	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+	$(BIN)/fedtune-report $(D) --out $(D)/report
 
 replicate-fedcybgd: install ## FedCyBGD, full scale (TinyLlama-1.1B, SST-2; hub + GPU)
 	$(eval D := $(REPLICATION_DIR)/fedcybgd/$(STAMP))
 	$(BIN)/fedtune -m experiment=fedcybgd_glue $(call data_path,glue/SST-2) strategy=fedcybgd strategy.num_blocks=4 num_rounds=160 eval.every=20 seed=0,1,42 hydra.sweep.dir=$(D)/fedcybgd $(FULL_ARGS)
 	$(BIN)/fedtune -m experiment=fedcybgd_glue $(call data_path,glue/SST-2) strategy=fedavg lora.enabled=false seed=0,1,42 hydra.sweep.dir=$(D)/full $(FULL_ARGS)
 	$(BIN)/fedtune -m experiment=fedcybgd_glue $(call data_path,glue/SST-2) strategy=fedavg local.lr=2e-4 seed=0,1,42 hydra.sweep.dir=$(D)/lora $(FULL_ARGS)
-	$(BIN)/python scripts/report.py $(D) --out $(D)/report
+	$(BIN)/fedtune-report $(D) --out $(D)/report
 
 replicate-smoke: replicate-gradualdiff-smoke replicate-comparison-smoke replicate-fedcybgd-smoke ## the three CPU smoke replications, one after another (~1 h)
 

@@ -1,4 +1,4 @@
-"""Paper-replication overlays (conf/experiment/) and scripts/report.py.
+"""Paper-replication overlays (conf/experiment/) and the report (fedtune.report, `fedtune-report`).
 
 Every overlay composes and runs one tiny round: its own groups and knobs, with the model swapped for
 the tiny one, the data read from ../shared/data and every size cut down. The report is checked
@@ -7,16 +7,16 @@ against a hand-made multirun folder (tests/fixtures/replication_comparison) with
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA, read_metrics
 
 from fedtune.config import CONF_DIR, compose_config
+from fedtune.report import PAPERS, Agg, load_runs, report
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -61,16 +61,8 @@ def test_experiment_runs_one_tiny_round(tmp_path, name):
     assert summary["final"]
 
 
-def _report_module():
-    spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_report_on_a_fixture_multirun(tmp_path):
-    text = _report_module().report([FIXTURE], tmp_path)
+    text = report([FIXTURE], tmp_path)
     assert (tmp_path / "report.md").read_text() == text
     # fedavg: seeds 0 and 1 with final accuracy 0.5 and 0.7; 40 MB over 2 rounds x 3 clients; 3e12 FLOPs per round
     assert "| `fedavg` | 2 | 0.600 ± 0.141 | ★★★★★ | 0.300 ± 0.071 | 6.67 ± 0.00 | ★★★ | 1000 ± 0 | ★★★★ |" in text
@@ -92,11 +84,32 @@ def test_report_on_a_fixture_multirun(tmp_path):
         assert f"]({figure})" in text
 
 
+def _run_folder(folder: Path, summary: dict, lora: bool) -> None:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text(json.dumps({"round_idx": 0, "train/loss": 1.0, "time/round_s": 1.0}) + "\n")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "config.yaml").write_text(f"seed: 0\nlora:\n  enabled: {str(lora).lower()}\n"
+                                        "strategy:\n  _target_: fedtune.strategies.fedavg.X\n")
+
+
+def test_report_takes_the_arm_from_summary_json(tmp_path):
+    choices = {"experiment": "comparison_banking77_smoke", "strategy": "fedavg"}
+    # the strategy names would derive "fedavg" (LoRA on) and "fedavg-full" (LoRA off): the run's own arm wins
+    _run_folder(tmp_path / "named", {"choices": choices, "arm": {"name": "fedavg-full", "strategy": "fedavg",
+                                                                   "full_parameters": True}}, lora=True)
+    _run_folder(tmp_path / "other", {"choices": choices, "arm": {"name": "fedavg-wide", "strategy": "fedavg",
+                                                                   "full_parameters": False}}, lora=False)
+    _run_folder(tmp_path / "old", {"choices": choices}, lora=False)  # before summary.json named the arm
+    arms = {r.path.name: r.arm for r in load_runs([tmp_path])}
+    assert arms == {"named": "fedavg-full", "other": "fedavg-wide", "old": "fedavg-full"}
+    text = report([tmp_path], tmp_path / "report", figures=False)  # the table groups by those arms
+    assert "| `fedavg-full` | 2 |" in text and "| `fedavg-wide` | 1 |" in text
+
+
 def _claims(paper: str, means: dict[str, dict[str, float]]) -> dict[str, tuple[str, str]]:
     """Run a paper's claim checks on hand-made means (one seed each): {claim: (verdict, our numbers)}."""
-    report = _report_module()
-    arms = {arm: {k: report.Agg(v, None, 1) for k, v in keys.items()} for arm, keys in means.items()}
-    return {text: check(arms) for text, _, check in report.PAPERS[paper]["claims"]}
+    arms = {arm: {k: Agg(v, None, 1) for k, v in keys.items()} for arm, keys in means.items()}
+    return {text: check(arms) for text, _, check in PAPERS[paper]["claims"]}
 
 
 def test_gradualdiff_claims_on_hand_made_means():
