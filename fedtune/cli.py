@@ -74,6 +74,7 @@ def precheck(argv: list[str]) -> None:
 
     from fedtune.config import build, validate
     from fedtune.data.sources import check_data
+    from fedtune.strategies.base import check_schedule
 
     parser = OverridesParser.create()
     for override in overrides:  # one at a time, so a value Hydra's grammar cannot read is named
@@ -90,8 +91,9 @@ def precheck(argv: list[str]) -> None:
                 cfg = compose(config_name="config", overrides=list(combo), return_hydra_config=True)
                 _refuse_unread_keys(combo, cfg)
                 validate(cfg)
-                for node in (cfg.strategy, cfg.partition):  # their constructors check their settings
+                for node in (cfg.partition, cfg.schedule):  # their constructors check their settings
                     build(node)
+                check_schedule(build(cfg.strategy), cfg.schedule.mode)
                 check_data(cfg.data)  # data.path exists, data=files' columns are in its header
                 if "name_or_path" in cfg.model:  # a pretrained model: its source exists (nothing loaded)
                     from fedtune.models.pretrained import check_source

@@ -58,7 +58,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "checkpoint.keep_last")
     _positive(cfg, "clients.flops_per_s")
     _positive(cfg, "clients.server_flops_per_s", allow_none=True)
-    from fedtune.comm.codec import make_codec  # a bad codec spec stops here, before any folder exists
+    from fedtune.comm.spec import make_codec  # a bad codec spec stops here, before any folder exists
 
     for direction in ("up", "down"):
         make_codec(cfg.comm[direction], key=f"comm.{direction}")

@@ -1,4 +1,10 @@
-"""Build the components from the config, then THE round loop, top to bottom."""
+"""Build the components from the config, then THE round loop, top to bottom.
+
+One round: sample -> strategy.select -> schedule.dispatch -> strategy.broadcast -> per client (as the engine
+finishes it): channel down, local update, channel up, finite check, strategy.fold -> the simulated
+clock -> schedule.collect -> strategy.aggregate -> train metrics -> eval -> bytes and times -> sinks ->
+checkpoint. Everything else (restore, run files, the logger, the summary) is a small function below.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +21,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedtune import checkpoint
+from fedtune.client.runtime import ClientResult
+from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Message
 from fedtune.config import build, to_container, validate
 from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
-from fedtune.engine.client import ClientResult
-from fedtune.engine.clock import REFERENCE, client_profiles, client_time
-from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError, Interrupted
 from fedtune.metrics.text import perplexity
 from fedtune.models.lora import count_parameters, set_trainable_state
 from fedtune.models.quant import base_bytes
 from fedtune.seeding import sample_clients
+from fedtune.sim.clock import REFERENCE, ClientProfile, client_profiles, client_time
+from fedtune.sim.schedule import Schedule
 from fedtune.sinks import ConsoleSink, JsonlSink, Sinks, dumps
 from fedtune.strategies.aggregate import all_finite
+from fedtune.strategies.base import Strategy
 from fedtune.train.evaluate import below_majority, evaluate, majority_accuracy
-from fedtune.world import build_world, client_runtime, make_channel, resolve_device
+from fedtune.world import World, build_world, client_runtime, make_channel, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def _mean(values: list[float], weights: list[float]) -> float:
-    return sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1e-12)
 
 
 def run(
@@ -57,15 +62,24 @@ def run(
         return _run(cfg, out_dir=out_dir, choices=choices, group=group, job_name=job_name, resume=resume)
 
 
+@dataclass
+class Progress:
+    """What carries from round to round and into the checkpoint (restored from it on resume)."""
+
+    choices: dict[str, str]
+    group: str | None
+    next_round: int = 0
+    total_bytes: int = 0
+    rejected_total: int = 0
+    last: dict[str, Any] = field(default_factory=dict)
+    wall_before: float = 0.0  # the wall time of earlier sessions of this run (resume)
+    saved_round: int | None = None  # the last checkpointed round
+    wandb_id: str | None = None
+
+
 def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, group: str | None,
          job_name: str | None, resume: bool) -> dict[str, Any]:
-    ckpt = checkpoint.load(out_dir / "checkpoint") if resume else None
-    if resume and ckpt is None:
-        raise ConfigError(f"resume={out_dir}: no checkpoint there (checkpoint/latest); start a new run instead")
-    if ckpt is not None and ckpt["round_idx"] + 1 >= cfg.num_rounds:
-        raise ConfigError(f"resume={out_dir}: nothing left to run (rounds done: {ckpt['round_idx'] + 1} of "
-                          f"num_rounds={cfg.num_rounds}); pass num_rounds=N with N > {ckpt['round_idx'] + 1} to "
-                          "extend it")
+    ckpt = _checkpoint_to_resume(cfg, out_dir) if resume else None
     if not resume and (out_dir / "metrics.jsonl").exists():
         raise ConfigError(f"output_dir={out_dir}: already holds a run (metrics.jsonl); choose a new folder")
     if cfg.threads is not None:
@@ -73,50 +87,152 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
     device = resolve_device(str(cfg.device))
     wall_start = time.perf_counter()
 
-    # ---- Build: data, tokenizer, the one resident model, shards, strategy, channel, engine, sinks.
+    # ---- Build: data, tokenizer, the one resident model, shards, strategy, channel, store, schedule, engine.
     world = build_world(cfg, device=device)
-    splits, tokenizer, task, model, shards = world.splits, world.tokenizer, world.task, world.model, world.shards
-    trainable_params, total_params = count_parameters(model)
-    report = partition_report(splits.train, world.parts, column=cfg.partition.get("column"),
-                              label_names=splits.label_names)
-    strategy = world.strategy
+    strategy, model, task = world.strategy, world.model, world.task
     channel = make_channel(cfg)
     limit = cfg.store.max_memory_mb
     store = ClientStore(max_memory_bytes=None if limit is None else int(limit * 2**20), spill_dir=out_dir / "client_store")
     runtime = client_runtime(cfg, world, store=store, channel=channel)
-    schedule = strategy.schedule
+    schedule: Schedule = build(cfg.schedule)
     profiles = dict(enumerate(client_profiles(cfg.clients, cfg.network, num_clients=cfg.num_clients, seed=cfg.seed)))
     engine = build(cfg.engine)
     clients_per_round = cfg.clients_per_round or cfg.num_clients
+    progress = Progress(choices=dict(choices or {}), group=group)
+    if ckpt is not None:
+        _restore(ckpt, progress, strategy=strategy, schedule=schedule, store=store, out_dir=out_dir)
+    sinks, start_info, majority, media = _open_run_files(cfg, world, out_dir, resume=resume)
+    try:
+        _attach_logger(cfg, sinks, progress, out_dir, job_name=job_name, start_info=start_info, media=media)
+        engine.start(runtime, cfg)
+        round_idx = progress.next_round
+        for round_idx in range(progress.next_round, cfg.num_rounds):
+            round_start = time.perf_counter()
+            sampled = strategy.select(round_idx, sample_clients(
+                seed=cfg.seed, round_idx=round_idx, num_clients=cfg.num_clients, clients_per_round=clients_per_round))
+            client_ids = schedule.dispatch(seed=cfg.seed, round_idx=round_idx, num_clients=cfg.num_clients,
+                                           clients_per_round=clients_per_round, sampled=sampled)
 
-    total_bytes, rejected_total, start_round, wall_before = 0, 0, 0, 0.0
-    last: dict[str, Any] = {}
-    choices = dict(choices or {})
-    if ckpt is not None:  # exact resume: restore state, drop metrics rows logged after the checkpoint
-        strategy.load_state_dict(ckpt["strategy"])
-        schedule.load_state_dict(ckpt["schedule"])
-        store.load_state_dict(ckpt["store"], base=out_dir / "checkpoint")
-        checkpoint.set_rng_state(ckpt["rng"])
-        total_bytes, rejected_total, last = ckpt["total_bytes"], ckpt["rejected_total"], ckpt["last"]
-        # what the run was started with, not what `fedtune resume=...` composed; wall time so far
-        choices, group = ckpt.get("choices", choices), ckpt.get("group", group)
-        wall_before = float(ckpt.get("wall_s", 0.0))
-        start_round = ckpt["round_idx"] + 1
-        checkpoint.truncate_metrics(out_dir / "metrics.jsonl", last_round=ckpt["round_idx"])
-        log.info("resuming %s after round %d", out_dir, ckpt["round_idx"])
+            # Down, update, up, fold: one client at a time (the engine pulls each download when it starts
+            # that client); each reply is sent up and folded in as soon as its update is done.
+            outgoing = strategy.broadcast(round_idx, client_ids)
+            downloads = ((cid, channel.send(msg, round_idx=round_idx, client_id=cid, direction="down"))
+                         for cid, msg in outgoing.items())
+            results: dict[int, ClientResult] = {}
+            replies: dict[int, Message] = {}
+            rejected, fold_s = 0, 0.0
+            for cid, result in engine.run_round(strategy, round_idx=round_idx, downloads=downloads):
+                results[cid] = result
+                reply = channel.send(result.take_message(), round_idx=round_idx, client_id=cid, direction="up")
+                t = time.perf_counter()
+                if all_finite(reply.tensors):
+                    replies[cid] = strategy.fold(round_idx, cid, reply)
+                else:  # a NaN/inf update would poison the global state: drop it, count it
+                    rejected += 1
+                    log.warning("round %d: client %d sent a non-finite update; rejected", round_idx, cid)
+                fold_s += time.perf_counter() - t  # folding is aggregation, timed as such
+            if results and rejected == len(results):
+                log.warning("round %d: every update (%d of %d) was non-finite and rejected; the global state "
+                            "is unchanged this round", round_idx, rejected, len(results))
 
+            # The simulated clock: when each reply would arrive; the schedule picks what is aggregated now.
+            schedule.push(replies, arrival_delays(cfg, profiles, channel.bytes_by_client(round_idx), results, replies))
+            ready, schedule_metrics = schedule.collect()
+            t = time.perf_counter()
+            metrics: dict[str, Any] = strategy.aggregate(round_idx, ready) if ready else {}
+            metrics.update(schedule_metrics)
+            aggregate_s = time.perf_counter() - t + fold_s
+            metrics.update(train_metrics(results))
+
+            t = time.perf_counter()
+            if round_idx == cfg.num_rounds - 1 or (cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0):
+                metrics.update(_evaluate(cfg, strategy.eval_states(store), model, world.tokenizer, task, device))
+            eval_s = time.perf_counter() - t
+
+            by = channel.bytes_by(round_idx)
+            progress.total_bytes += by["up"] + by["down"]
+            progress.rejected_total += rejected
+            metrics.update({
+                "comm/up_bytes": by["up"], "comm/down_bytes": by["down"], "comm/total_bytes": progress.total_bytes,
+                **{f"comm/{k}_bytes": v for k, v in by.items() if "/" in k},
+                "comm/rejected_updates": rejected, "clients/participants": len(results),
+                "time/client_compute_s": sum(r.seconds for r in results.values()),
+                "time/comm_s": channel.seconds(round_idx), "time/aggregate_s": aggregate_s, "time/eval_s": eval_s,
+                "time/round_s": time.perf_counter() - round_start,
+                "mem/process_rss_bytes": psutil.Process().memory_info().rss,
+            })
+            sinks.log(metrics, step=round_idx)
+            progress.last = metrics
+            if cfg.checkpoint.every and ((round_idx + 1) % cfg.checkpoint.every == 0 or round_idx == cfg.num_rounds - 1):
+                _save_checkpoint(cfg, out_dir, round_idx, progress, strategy=strategy, schedule=schedule, store=store,
+                                 wall_s=progress.wall_before + time.perf_counter() - wall_start)
+
+        _save_adapters(model, strategy.eval_states(store), out_dir / "adapter")
+        summary = _write_summary(cfg, out_dir, progress, start_info, strategy=strategy, sinks=sinks,
+                                 wall_s=progress.wall_before + time.perf_counter() - wall_start)
+        if warning := below_majority(progress.last, majority):
+            log.warning(warning)
+        return summary
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(round_idx, progress.saved_round, cfg.num_rounds, out_dir)) from None
+    finally:
+        engine.close()
+        sinks.close()
+
+
+# ---- the pieces of a run, in the order it uses them
+
+def _checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """The checkpoint ``resume=`` continues from; ConfigError when there is none or nothing is left to run."""
+    ckpt = checkpoint.load(out_dir / "checkpoint")
+    if ckpt is None:
+        raise ConfigError(f"resume={out_dir}: no checkpoint there (checkpoint/latest); start a new run instead")
+    if ckpt["round_idx"] + 1 >= cfg.num_rounds:
+        raise ConfigError(f"resume={out_dir}: nothing left to run (rounds done: {ckpt['round_idx'] + 1} of "
+                          f"num_rounds={cfg.num_rounds}); pass num_rounds=N with N > {ckpt['round_idx'] + 1} to "
+                          "extend it")
+    return ckpt
+
+
+def _restore(ckpt: dict[str, Any], progress: Progress, *, strategy: Strategy, schedule: Schedule,
+             store: ClientStore, out_dir: Path) -> None:
+    """Exact resume: every state the rounds change, and metrics rows logged after the checkpoint dropped."""
+    strategy.load_state_dict(ckpt["strategy"])
+    schedule.load_state_dict(ckpt["schedule"])
+    store.load_state_dict(ckpt["store"], base=out_dir / "checkpoint")
+    checkpoint.set_rng_state(ckpt["rng"])
+    progress.total_bytes, progress.rejected_total, progress.last = ckpt["total_bytes"], ckpt["rejected_total"], ckpt["last"]
+    # what the run was started with, not what `fedtune resume=...` composed; wall time so far
+    progress.choices, progress.group = ckpt.get("choices", progress.choices), ckpt.get("group", progress.group)
+    progress.wall_before = float(ckpt.get("wall_s", 0.0))
+    progress.next_round, progress.saved_round = ckpt["round_idx"] + 1, ckpt["round_idx"]
+    progress.wandb_id = ckpt["wandb_id"]
+    checkpoint.truncate_metrics(out_dir / "metrics.jsonl", last_round=ckpt["round_idx"])
+    log.info("resuming %s after round %d", out_dir, ckpt["round_idx"])
+
+
+Media = tuple[dict[str, Path], dict[str, tuple[list[str], list[list[Any]]]]]  # (images, tables)
+
+
+def _open_run_files(cfg: DictConfig, world: World, out_dir: Path, *, resume: bool
+                    ) -> tuple[Sinks, dict[str, Any], tuple[float, str] | None, Media]:
+    """The run folder's first files (partition, config) and the sinks; returns them with the start info
+    (model size, data, partition), the majority-class accuracy (classification) and the partition's media."""
+    task, splits, shards = world.task, world.splits, world.shards
+    report = partition_report(splits.train, world.parts, column=cfg.partition.get("column"),
+                              label_names=splits.label_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "partition.json").write_text(dumps(report, indent=1))
     heatmap = save_heatmap(report, out_dir / "plots" / "partition.png") if report["values"] else None
     log.info("partition (%s):\n%s", report["column"] or "sizes", format_report_table(report))
-    config = to_container(cfg)
     if not resume:  # the config as it ran, next to its outputs (what `resume=` reads back)
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))
     sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl"), ConsoleSink(num_rounds=cfg.num_rounds)])
+    trainable_params, total_params = count_parameters(world.model)
     start_info = {
         "model/trainable_params": trainable_params,
         "model/total_params": total_params,
-        "model/base_bytes": base_bytes(model),
+        "model/base_bytes": base_bytes(world.model),
         "data/train_examples": len(splits.train),
         "data/eval_examples": len(task.eval),
         "data/truncated_train": task.train.num_truncated,
@@ -130,141 +246,98 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
         log.info("eval: %d examples from %s; majority-class accuracy %.4f (always %r)", len(task.eval),
                  start_info["data/eval_from"], majority[0], majority[1])
     log.info("model: %d trainable / %d params | clients: %s examples | device %s",
-             trainable_params, total_params, start_info["partition/sizes"], device)
-    try:
-        make_logger = build(cfg.logger, _partial_=True)
-        logger_sink = make_logger(run_dir=str(out_dir), run_config=config, group=group, name=job_name,
-                                  run_id=ckpt["wandb_id"] if ckpt else None)
-        sinks.sinks.append(logger_sink)
-        sinks.summary(start_info)
-        sinks.log_media(images={"partition/heatmap": heatmap} if heatmap else {},
-                        tables={"partition/clients": partition_table(report)})
-        round_idx, saved_round = start_round, (ckpt["round_idx"] if ckpt else None)
-        engine.start(runtime, cfg)
-        for round_idx in range(start_round, cfg.num_rounds):
-            round_start = time.perf_counter()
-            sampled = sample_clients(
-                seed=cfg.seed, round_idx=round_idx, num_clients=cfg.num_clients, clients_per_round=clients_per_round
-            )
-            client_ids = schedule.dispatch(seed=cfg.seed, round_idx=round_idx, num_clients=cfg.num_clients,
-                                           clients_per_round=clients_per_round, sampled=sampled)
-            outgoing = strategy.broadcast(round_idx, client_ids)
-            down_s = [0.0]
+             trainable_params, total_params, start_info["partition/sizes"], world.device)
+    media: Media = ({"partition/heatmap": heatmap} if heatmap else {}, {"partition/clients": partition_table(report)})
+    return sinks, start_info, majority, media
 
-            def receive(cid: int, msg: Message, round_idx: int = round_idx, down_s: list = down_s) -> Message:
-                t0 = time.perf_counter()
-                got = channel.send(msg, round_idx=round_idx, client_id=cid, direction="down")
-                down_s[0] += time.perf_counter() - t0
-                return got
 
-            replies: dict[int, Message] = {}
-            up = {"s": 0.0, "fold_s": 0.0, "rejected": 0}
+def _attach_logger(cfg: DictConfig, sinks: Sinks, progress: Progress, out_dir: Path, *,
+                   job_name: str | None, start_info: dict[str, Any], media: Media) -> None:
+    """The configured logger (W&B or none) joins the sinks; the start info and partition go to it."""
+    make_logger = build(cfg.logger, _partial_=True)
+    logger_sink = make_logger(run_dir=str(out_dir), run_config=to_container(cfg), group=progress.group,
+                              name=job_name, run_id=progress.wandb_id)
+    sinks.sinks.append(logger_sink)
+    progress.wandb_id = getattr(logger_sink, "run_id", None)
+    sinks.summary(start_info)
+    sinks.log_media(images=media[0], tables=media[1])
 
-            def deliver(cid: int, result: ClientResult, round_idx: int = round_idx,
-                        replies: dict[int, Message] = replies, up: dict = up) -> None:
-                """The uplink, right after each update: the server folds the reply in as it arrives."""
-                t0 = time.perf_counter()
-                reply = channel.send(result.message, round_idx=round_idx, client_id=cid, direction="up")
-                result.message = None  # the client's copy is gone once sent
-                t1 = time.perf_counter()
-                up["s"] += t1 - t0  # the channel only: folding is aggregation, timed as such
-                if all_finite(reply.tensors):
-                    replies[cid] = strategy.fold(round_idx, cid, reply)
-                else:  # a NaN/inf update would poison the global state: drop it, count it
-                    up["rejected"] += 1
-                    log.warning("round %d: client %d sent a non-finite update; rejected", round_idx, cid)
-                up["fold_s"] += time.perf_counter() - t1
 
-            results = engine.run_round(strategy, round_idx=round_idx, messages=outgoing, receive=receive,
-                                       deliver=deliver)
-            comm_s, rejected = down_s[0] + up["s"], up["rejected"]
-            if results and rejected == len(results):
-                log.warning("round %d: every update (%d of %d) was non-finite and rejected; the global state "
-                            "is unchanged this round", round_idx, rejected, len(results))
+def arrival_delays(cfg: DictConfig, profiles: dict[int, ClientProfile], sent: dict[tuple[int, str], int],
+                   results: dict[int, ClientResult], replies: dict[int, Message]) -> dict[int, float]:
+    """Simulated seconds from dispatch to each reply's arrival (the clock: compute + traffic + latency)."""
+    out = {}
+    for cid in replies:
+        report = results[cid].report
+        out[cid] = client_time(
+            profiles.get(cid, REFERENCE), flops=report.flops if report else 0.0,
+            flops_per_s=float(cfg.clients.flops_per_s), up_bytes=sent.get((cid, "up"), 0),
+            down_bytes=sent.get((cid, "down"), 0), round_trips=report.round_trips if report else 1,
+            server_flops=report.server_flops if report else 0.0,
+            server_flops_per_s=cfg.clients.get("server_flops_per_s"))
+    return out
 
-            # The simulated clock: when each reply would arrive; the schedule picks what is aggregated now.
-            sent = channel.bytes_by_client(round_idx)
-            schedule.push(replies, {cid: client_time(
-                profiles.get(cid, REFERENCE), flops=results[cid].report.flops if results[cid].report else 0.0,
-                flops_per_s=float(cfg.clients.flops_per_s), up_bytes=sent.get((cid, "up"), 0),
-                down_bytes=sent.get((cid, "down"), 0),
-                round_trips=results[cid].report.round_trips if results[cid].report else 1,
-                server_flops=results[cid].report.server_flops if results[cid].report else 0.0,
-                server_flops_per_s=cfg.clients.get("server_flops_per_s")) for cid in replies})
-            ready, sched_stats = schedule.collect()
 
-            t = time.perf_counter()
-            metrics: dict[str, Any] = strategy.aggregate(round_idx, ready) if ready else {}
-            metrics.update(sched_stats)
-            aggregate_s = time.perf_counter() - t + up["fold_s"]
+def train_metrics(results: dict[int, ClientResult]) -> dict[str, Any]:
+    """The round's training numbers over the updates that ran: example-weighted means of the losses
+    (``train/loss`` the task loss; a strategy's extra terms as ``train/<term>``), sums of work."""
+    reports = [r.report for r in results.values() if r.report is not None]
+    if not reports:
+        return {}
+    weights = [float(r.num_examples) for r in reports]
+    out: dict[str, Any] = {"train/loss": _mean([r.loss for r in reports], weights)}
+    for name in sorted({n for r in reports for n in r.terms}):  # e.g. train/kd_loss, train/proxy_loss
+        has = [(r.terms[name], w) for r, w in zip(reports, weights) if name in r.terms]
+        out[f"train/{name}"] = _mean([v for v, _ in has], [w for _, w in has])
+    out["train/steps"] = sum(r.num_steps for r in reports)
+    out["train/tokens"] = sum(r.num_tokens for r in reports)
+    out["train/client_flops"] = sum(r.flops for r in reports)
+    out["mem/client_peak_bytes"] = max(r.mem_bytes for r in reports)
+    out["time/server_compute_s"] = sum(r.server_seconds for r in reports)
+    return out
 
-            reports = [r.report for r in results.values() if r.report is not None]
-            if reports:
-                weights = [float(r.num_examples) for r in reports]
-                metrics["train/loss"] = _mean([r.loss for r in reports], weights)
-                for name in sorted({n for r in reports for n in r.terms}):  # e.g. train/kd_loss, train/proxy_loss
-                    has = [(r.terms[name], w) for r, w in zip(reports, weights) if name in r.terms]
-                    metrics[f"train/{name}"] = _mean([v for v, _ in has], [w for _, w in has])
-                metrics["train/steps"] = sum(r.num_steps for r in reports)
-                metrics["train/tokens"] = sum(r.num_tokens for r in reports)
-                metrics["train/client_flops"] = sum(r.flops for r in reports)
-                metrics["mem/client_peak_bytes"] = max(r.mem_bytes for r in reports)
-                metrics["time/server_compute_s"] = sum(r.server_seconds for r in reports)
 
-            t = time.perf_counter()
-            last_round = round_idx == cfg.num_rounds - 1
-            if last_round or (cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0):
-                metrics.update(_evaluate(cfg, strategy.eval_states(store), model, tokenizer, task, device))
-            eval_s = time.perf_counter() - t
+def _mean(values: list[float], weights: list[float]) -> float:
+    return sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1e-12)
 
-            by = channel.bytes_by(round_idx)
-            total_bytes += by["up"] + by["down"]
-            rejected_total += rejected
-            metrics.update({
-                "comm/up_bytes": by["up"], "comm/down_bytes": by["down"], "comm/total_bytes": total_bytes,
-                **{f"comm/{k}_bytes": v for k, v in by.items() if "/" in k},
-                "comm/rejected_updates": rejected, "clients/participants": len(results),
-                "time/client_compute_s": sum(r.seconds for r in results.values()),
-                "time/comm_s": comm_s, "time/aggregate_s": aggregate_s, "time/eval_s": eval_s,
-                "time/round_s": time.perf_counter() - round_start,
-                "mem/process_rss_bytes": psutil.Process().memory_info().rss,
-            })
-            sinks.log(metrics, step=round_idx)
-            last = metrics
-            if cfg.checkpoint.every and ((round_idx + 1) % cfg.checkpoint.every == 0 or round_idx == cfg.num_rounds - 1):
-                checkpoint.save(out_dir / "checkpoint", round_idx, {
-                    "strategy": strategy.state_dict(), "schedule": schedule.state_dict(),
-                    "rng": checkpoint.rng_state(),
-                    "total_bytes": total_bytes, "rejected_total": rejected_total, "last": last,
-                    "wandb_id": getattr(logger_sink, "run_id", None), "choices": choices, "group": group,
-                    "wall_s": wall_before + time.perf_counter() - wall_start,
-                }, keep_last=cfg.checkpoint.keep_last, store=store)
-                saved_round = round_idx
 
-        _save_adapters(model, strategy.eval_states(store), out_dir / "adapter")
-        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-        summary = {
-            "comm/up_bytes_total": sum(r["comm/up_bytes"] for r in rows),
-            "comm/down_bytes_total": sum(r["comm/down_bytes"] for r in rows),
-            "final": {k: v for k, v in last.items() if k.startswith(("eval/", "train/"))},
-            "comm/total_bytes": total_bytes,
-            "comm/rejected_updates": rejected_total,
-            # the whole run's wall time: every session's, up to its last checkpoint, plus this one's
-            "time/wall_s": wall_before + time.perf_counter() - wall_start,
-            "choices": choices,
-            "wandb/group": group,
-            **start_info,
-        }
-        sinks.summary({k: v for k, v in summary.items() if k not in ("final", "choices")})
-        (out_dir / "summary.json").write_text(dumps(summary, indent=2, sort_keys=True))
-        if warning := below_majority(last, majority):
-            log.warning(warning)
-        return summary
-    except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(round_idx, saved_round, cfg.num_rounds, out_dir)) from None
-    finally:
-        engine.close()
-        sinks.close()
+def _save_checkpoint(cfg: DictConfig, out_dir: Path, round_idx: int, progress: Progress, *, strategy: Strategy,
+                     schedule: Schedule, store: ClientStore, wall_s: float) -> None:
+    checkpoint.save(out_dir / "checkpoint", round_idx, {
+        "strategy": strategy.state_dict(), "schedule": schedule.state_dict(), "rng": checkpoint.rng_state(),
+        "total_bytes": progress.total_bytes, "rejected_total": progress.rejected_total, "last": progress.last,
+        "wandb_id": progress.wandb_id, "choices": progress.choices, "group": progress.group, "wall_s": wall_s,
+    }, keep_last=cfg.checkpoint.keep_last, store=store)
+    progress.saved_round = round_idx
+
+
+def arm(cfg: DictConfig, strategy: Strategy, choices: dict[str, str]) -> dict[str, Any]:
+    """What the report groups runs by: the strategy, and whether every parameter was trained."""
+    name = choices.get("strategy") or type(strategy).__name__.lower()
+    full = bool(strategy.full_parameters or not cfg.lora.enabled)
+    return {"name": f"{name}-full" if full and not strategy.full_parameters else name, "strategy": name,
+            "full_parameters": full}
+
+
+def _write_summary(cfg: DictConfig, out_dir: Path, progress: Progress, start_info: dict[str, Any], *,
+                   strategy: Strategy, sinks: Sinks, wall_s: float) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = {
+        "comm/up_bytes_total": sum(r["comm/up_bytes"] for r in rows),
+        "comm/down_bytes_total": sum(r["comm/down_bytes"] for r in rows),
+        "final": {k: v for k, v in progress.last.items() if k.startswith(("eval/", "train/"))},
+        "comm/total_bytes": progress.total_bytes,
+        "comm/rejected_updates": progress.rejected_total,
+        # the whole run's wall time: every session's, up to its last checkpoint, plus this one's
+        "time/wall_s": wall_s,
+        "choices": progress.choices,
+        "arm": arm(cfg, strategy, progress.choices),
+        "wandb/group": progress.group,
+        **start_info,
+    }
+    sinks.summary({k: v for k, v in summary.items() if k not in ("final", "choices", "arm")})
+    (out_dir / "summary.json").write_text(dumps(summary, indent=2, sort_keys=True))
+    return summary
 
 
 def interrupted_message(round_idx: int, saved_round: int | None, num_rounds: int, out_dir: Path) -> str:

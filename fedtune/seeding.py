@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import numpy as np
 import torch
 
-# Purposes keep streams independent: the sampler's draws never depend on a client's training.
-SAMPLE, TRAIN, INIT = 1, 2, 3
+
+class Purpose(IntEnum):
+    """What a random stream is for: the last key of every derived seed, so streams never overlap (the
+    sampler's draws never depend on a client's training). Values are fixed: changing one changes runs."""
+
+    SAMPLE = 1  # client sampling and async dispatch
+    TRAIN = 2  # a client's batch order and dropout
+    INIT = 3  # model and LoRA initialisation
+    KD_PUBLIC = 11  # KD: a client's public batches for its KD term
+    SERVER = 12  # computation on the server (KD's distillation): batch order and dropout
+    PROFILE = 21  # the simulated clients' speeds and links
 
 
 def derive_seed(*keys: int) -> int:
@@ -23,5 +34,5 @@ def sample_clients(*, seed: int, round_idx: int, num_clients: int, clients_per_r
     """The round's participants: all of them, or a seeded sample without replacement (sorted)."""
     if clients_per_round >= num_clients:
         return list(range(num_clients))
-    rng = np.random.default_rng(derive_seed(seed, round_idx, SAMPLE))
+    rng = np.random.default_rng(derive_seed(seed, round_idx, Purpose.SAMPLE))
     return sorted(int(c) for c in rng.choice(num_clients, size=clients_per_round, replace=False))

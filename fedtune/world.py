@@ -14,18 +14,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
+from fedtune.client.runtime import ClientRuntime, LocalConfig
+from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Channel
-from fedtune.comm.codec import make_codec
+from fedtune.comm.spec import make_codec
 from fedtune.config import build, to_container
 from fedtune.data.schema import Splits
 from fedtune.data.sources import load_splits
 from fedtune.data.tasks import TaskData, corpus, prepare
-from fedtune.engine.client import ClientRuntime, LocalConfig
-from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
 from fedtune.models.lora import apply_lora, get_trainable_state
-from fedtune.seeding import INIT, derive_seed
-from fedtune.strategies.base import Strategy
+from fedtune.seeding import Purpose, derive_seed
+from fedtune.strategies.base import ServerContext, Strategy, check_schedule
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,13 @@ def build_world(cfg: DictConfig, *, device: torch.device) -> World:
     and set up last, with the model's initial trainable state.
     """
     strategy: Strategy = build(cfg.strategy)
+    check_schedule(strategy, cfg.schedule.mode)
     splits = strategy.prepare_splits(load_splits(cfg.data), seed=int(cfg.data.seed))
     tokenizer = build(cfg.model.tokenizer, texts=corpus(splits))
     task = prepare(splits, tokenizer, classify_with=cfg.data.classify_with, max_seq_len=cfg.local.max_seq_len,
                    max_eval_samples=cfg.eval.max_samples)
     quant = to_container(cfg.quant) if cfg.quant.load_in else None
-    torch.manual_seed(derive_seed(cfg.seed, 0, 0, INIT))  # model init and LoRA init
+    torch.manual_seed(derive_seed(cfg.seed, 0, 0, Purpose.INIT))  # model init and LoRA init
     model = build(cfg.model.builder, tokenizer=tokenizer, quant=quant, num_labels=task.num_labels)
     lora_cfg = cfg.lora
     if strategy.full_parameters and lora_cfg.enabled:
@@ -81,8 +82,16 @@ def build_world(cfg: DictConfig, *, device: torch.device) -> World:
     parts = build(cfg.partition)(splits.train, num_clients=cfg.num_clients, seed=cfg.seed)
     world = World(splits=splits, tokenizer=tokenizer, task=task, model=model, parts=parts, device=device,
                   strategy=strategy, cfg=cfg)
-    strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients, world=world)
+    server = ServerContext(model=model, tokenizer=tokenizer, task=task, device=device, local=local_config(cfg),
+                           seed=int(cfg.seed), synchronous=cfg.schedule.mode == "sync")
+    strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients, server=server)
     return world
+
+
+def local_config(cfg: DictConfig) -> LocalConfig:
+    """The ``local`` node, typed."""
+    return LocalConfig(**{k: cfg.local[k] for k in ("batch_size", "lr", "epochs", "max_steps", "weight_decay",
+                                                    "grad_clip", "max_seq_len")})
 
 
 def make_channel(cfg: DictConfig) -> Channel:
@@ -92,10 +101,9 @@ def make_channel(cfg: DictConfig) -> Channel:
 
 def client_runtime(cfg: DictConfig, world: World, *, store: ClientStore, channel: Channel) -> ClientRuntime:
     """The host for clients' local updates on this process's resident model."""
-    local = LocalConfig(**{k: cfg.local[k] for k in ("batch_size", "lr", "epochs", "max_steps", "weight_decay",
-                                                     "grad_clip")})
     return ClientRuntime(
-        model=world.model, data=world.task.train, shards=world.shards, local=local, store=store, channel=channel,
+        model=world.model, data=world.task.train, shards=world.shards, local=local_config(cfg), store=store,
+        channel=channel,
         seed=cfg.seed, pad_id=world.tokenizer.pad_token_id, device=world.device,
         error_feedback=bool(cfg.comm.error_feedback),
     )

@@ -61,12 +61,12 @@ def schedule_table(base: list[str], rounds: int) -> list[str]:
         "sync": metrics([*hetero, f"num_rounds={rounds}"]),
         # the others get more server steps: the question is how soon (in simulated time) they get there
         "semi_sync (first 4 of 6, late dropped)": metrics([*hetero, f"num_rounds={2 * rounds}",
-                                                           "strategy.mode=semi_sync", "strategy.min_clients=4"]),
+                                                           "schedule=semi_sync", "schedule.min_clients=4"]),
         "semi_sync (first 4 of 6, late carried)": metrics([*hetero, f"num_rounds={2 * rounds}",
-                                                           "strategy.mode=semi_sync", "strategy.min_clients=4",
-                                                           "strategy.late=carry"]),
-        "async (buffer 2, 6 in flight)": metrics([*hetero, f"num_rounds={6 * rounds}", "strategy.mode=async",
-                                                  "strategy.buffer_size=2"]),
+                                                           "schedule=semi_sync", "schedule.min_clients=4",
+                                                           "schedule.late=carry"]),
+        "async (buffer 2, 6 in flight)": metrics([*hetero, f"num_rounds={6 * rounds}", "schedule=async",
+                                                  "schedule.buffer_size=2"]),
     }
     target = 1.05 * runs["sync"][-1]["eval/loss"]
     lines = [f"Target: eval loss <= {target:.4f} (sync's final loss + 5%).", "",

@@ -25,8 +25,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 
+from fedtune.client.runtime import ClientContext  # noqa: E402
 from fedtune.config import compose_config  # noqa: E402
-from fedtune.engine.client import ClientContext  # noqa: E402
 from fedtune.run import run  # noqa: E402
 
 MODEL = ["model.builder.hidden_size=256", "model.builder.num_layers=8", "model.builder.intermediate_size=512"]

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from fedtune.config import compose_config  # noqa: E402
 from fedtune.data.format import collate  # noqa: E402
 from fedtune.run import run  # noqa: E402
-from fedtune.seeding import TRAIN, generator, sample_clients  # noqa: E402
+from fedtune.seeding import Purpose, generator, sample_clients  # noqa: E402
 from fedtune.train.local import batch_order, plan_steps  # noqa: E402
 from fedtune.world import build_world, resolve_device  # noqa: E402
 
@@ -52,7 +52,7 @@ def plain_seconds(overrides: list[str]) -> float:
         for cid in ids:
             steps = plan_steps(len(shards[cid]), batch_size=cfg.local.batch_size, epochs=cfg.local.epochs,
                                max_steps=cfg.local.max_steps)
-            gen = generator(cfg.seed, round_idx, cid, TRAIN)
+            gen = generator(cfg.seed, round_idx, cid, Purpose.TRAIN)
             batches += [collate(data, b, pad_id=pad) for b in
                         batch_order(shards[cid], batch_size=cfg.local.batch_size, num_steps=steps, generator=gen)]
     params = [p for p in model.parameters() if p.requires_grad]

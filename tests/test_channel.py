@@ -2,13 +2,14 @@
 
 import json
 import struct
+import time
 
 import pytest
 import torch
 from safetensors.torch import save
 
 from fedtune.comm.channel import Channel, Message
-from fedtune.comm.codec import make_codec
+from fedtune.comm.spec import make_codec
 from fedtune.errors import ConfigError
 
 
@@ -83,3 +84,24 @@ def test_empty_message_sends_nothing():
 def test_unknown_codec_is_a_config_error():
     with pytest.raises(ConfigError, match="comm.up=zip"):
         make_codec("zip", key="comm.up")
+
+
+def test_channel_times_each_transfer_and_comm_time_is_the_model_exchange(monkeypatch):
+    from fedtune.comm import channel as channel_module
+
+    real = channel_module.serialize
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(channel_module, "serialize", slow)
+    ch = Channel()
+    msg = Message(tensors={"w": torch.ones(3)})
+    ch.send(msg, round_idx=0, client_id=0, direction="down")
+    ch.send(msg, round_idx=0, client_id=0, direction="up", kind="activations")  # mid-update traffic
+    ch.send(msg, round_idx=1, client_id=0, direction="up")
+    ch.send(Message(), round_idx=0, client_id=1, direction="up")  # nothing crosses: no record
+    assert len(ch.transfers) == 3 and all(t.seconds >= 0.05 for t in ch.transfers)
+    assert ch.seconds(0) == ch.transfers[0].seconds  # the model exchange of round 0 only
+    assert ch.seconds(0, kinds=("activations",)) == ch.transfers[1].seconds

@@ -30,7 +30,10 @@ BAD = [
     (["-m", "model=smollm2-135m", "model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct,/nonexistent/model"],
      "model.name_or_path=/nonexistent/model: no such folder"),
     (["+strategy.foo=1"], "strategy.foo: FedAvg has no setting foo"),
-    (["-m", "strategy.mode=sync,bogus"], "strategy.mode=bogus"),
+    (["-m", "schedule=sync,bogus"], "schedule=bogus"),
+    (["strategy=kd", "schedule=async"], "schedule=async: strategy KD aggregates synchronously only"),
+    (["schedule=semi_sync"], "schedule=semi_sync: set schedule.min_clients or schedule.deadline_s"),
+    (["strategy.mode=async"], "strategy.mode"),
     (["-m", "partition=dirichlet", "partition.alpha=1,-1"], "partition.alpha"),
 ]
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from fedtune.comm.channel import Channel, Message, serialize
-from fedtune.comm.codec import MIN_NUMEL, Cast, Compose, Identity, make_codec
+from fedtune.comm.codec import MIN_NUMEL, Cast, Compose, Identity
 from fedtune.comm.feedback import compress_with_feedback, corrected
 from fedtune.comm.quantize import CODEBOOKS, FourBit, Int8
 from fedtune.comm.sparse import RandomK, TopK, decode_indices, encode_indices, topk_indices
+from fedtune.comm.spec import make_codec
 from fedtune.errors import ConfigError
 
 SPECS = ["none", "fp32", "fp16", "bf16", "int8", "int8@64", "nf4", "fp4@32", "topk0.1", "randk0.1",

@@ -157,7 +157,7 @@ def test_one_fedavg_round_by_a_second_path(run_fedtune):
     from fedtune.config import compose_config
     from fedtune.data.format import IGNORE_INDEX, collate
     from fedtune.models.lora import get_trainable_state, set_trainable_state
-    from fedtune.seeding import TRAIN, derive_seed, generator
+    from fedtune.seeding import Purpose, derive_seed, generator
     from fedtune.world import build_world
 
     overrides = ["seed=0", "strategy=fedavg", "num_rounds=1"]
@@ -170,8 +170,8 @@ def test_one_fedavg_round_by_a_second_path(run_fedtune):
     states, sizes, losses = [], [], []
     for cid, shard in world.shards.items():
         set_trainable_state(model, initial)
-        torch.manual_seed(derive_seed(0, 0, cid, TRAIN))
-        gen = generator(0, 0, cid, TRAIN)
+        torch.manual_seed(derive_seed(0, 0, cid, Purpose.TRAIN))
+        gen = generator(0, 0, cid, Purpose.TRAIN)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
         model.train()

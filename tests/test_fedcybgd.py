@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from fedtune import cli
+from fedtune.client.runtime import ClientRuntime, LocalConfig
+from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Channel, Message
 from fedtune.data.format import Tokenized
-from fedtune.engine.client import ClientRuntime, LocalConfig
-from fedtune.engine.store import ClientStore
 from fedtune.errors import ConfigError
 from fedtune.models.blocks import block_layout, only_layers, set_partial_state
 from fedtune.models.lora import get_trainable_state
@@ -41,7 +41,7 @@ def _llama(num_layers=4):
 
 def _strategy(model, *, num_clients=2, **kwargs):
     s = FedCyBGD(**kwargs)
-    s.setup(initial_state=get_trainable_state(model), num_clients=num_clients, world=SimpleNamespace(model=model))
+    s.setup(initial_state=get_trainable_state(model), num_clients=num_clients, server=SimpleNamespace(model=model))
     return s
 
 
@@ -136,7 +136,7 @@ def test_schedule_cycles_clients_and_blocks_and_compresses_the_download():
     full = dict(s.global_state)
     seen = []
     for r in range(4):
-        msgs = s.broadcast(r, [0, 1, 2])
+        msgs = s.broadcast(r, s.select(r, [0, 1, 2]))
         (cid, msg), = msgs.items()
         block = msg.meta["block"]
         seen.append((cid, block))
@@ -170,7 +170,7 @@ def test_client_trains_only_its_block_and_holds_only_the_kept_layers():
     model = _llama()
     s = _strategy(model, num_blocks=2)
     runtime, channel = _runtime(model), Channel()
-    (cid, msg), = s.broadcast(0, [0, 1]).items()
+    (cid, msg), = s.broadcast(0, s.select(0, [0, 1])).items()
     result = runtime.run(s, round_idx=0, client_id=cid, message=channel.send(msg, round_idx=0, client_id=cid,
                                                                             direction="down"))
     own = s.layout.keys[0]
@@ -253,17 +253,17 @@ def test_two_blocks_two_rounds_exact_bytes_and_memory(run_fedtune):
 def test_train_loss_is_the_full_models_and_the_proxy_loss_is_logged_apart():
     """Round 0 trains block 0 with layers 2-3 dropped. One step: train/loss is the untrained full model's loss
     on the batch, train/proxy_loss that of the 2-layer proxy the client trains; training follows the proxy."""
-    from fedtune.seeding import TRAIN, generator
+    from fedtune.seeding import Purpose, generator
     from fedtune.train.local import batch_order
 
     model = _llama()
     s = _strategy(model, num_blocks=2)
     runtime = _runtime(model)
     runtime.local.max_steps = 1
-    (cid, msg), = s.broadcast(0, [0, 1]).items()
+    (cid, msg), = s.broadcast(0, s.select(0, [0, 1])).items()
     report = runtime.run(s, round_idx=0, client_id=cid, message=msg).report
     fresh = _llama()
-    idx = next(batch_order(list(range(8)), batch_size=4, num_steps=1, generator=generator(0, 0, cid, TRAIN)))
+    idx = next(batch_order(list(range(8)), batch_size=4, num_steps=1, generator=generator(0, 0, cid, Purpose.TRAIN)))
     batch = {"input_ids": torch.stack([runtime.data.input_ids[i] for i in idx])}
     batch["labels"] = batch["input_ids"].clone()
     with torch.no_grad():

@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from conftest import FAST, read_metrics
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fedtune.client.runtime import ClientRuntime, LocalConfig
+from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Channel
 from fedtune.config import compose_config
 from fedtune.data.format import Tokenized, collate
-from fedtune.engine.client import ClientRuntime, LocalConfig
-from fedtune.engine.clock import ClientProfile, client_time
-from fedtune.engine.store import ClientStore
 from fedtune.models.lora import get_trainable_state
-from fedtune.seeding import TRAIN, generator
-from fedtune.strategies.kd import KD, KD_STREAM
+from fedtune.seeding import Purpose, generator
+from fedtune.sim.clock import ClientProfile, client_time
+from fedtune.strategies.kd import KD
 from fedtune.train.local import batch_order, compute_params
 from fedtune.world import build_world
 
@@ -85,11 +85,11 @@ def test_kd_logs_the_task_loss_and_the_kd_term_apart():
     report = _runtime(model, 1).run(kd, round_idx=1, client_id=0, message=kd.broadcast(1, [0])[0]).report
     # by hand, on the untrained model: the first private batch and the first public batch
     rt = _runtime(fresh, 1)
-    idx = next(batch_order(rt.shards[0], batch_size=4, num_steps=1, generator=generator(0, 1, 0, TRAIN)))
+    idx = next(batch_order(rt.shards[0], batch_size=4, num_steps=1, generator=generator(0, 1, 0, Purpose.TRAIN)))
     batch = collate(rt.data, idx, pad_id=0)
     with torch.no_grad():
         task = fresh(**batch).loss.item()
-        pub_idx = next(batch_order(list(range(4)), batch_size=4, num_steps=1, generator=generator(0, 1, 0, KD_STREAM)))
+        pub_idx = next(batch_order(list(range(4)), batch_size=4, num_steps=1, generator=generator(0, 1, 0, Purpose.KD_PUBLIC)))
         pub = collate(kd.public, pub_idx, pad_id=0)
         student = fresh(input_ids=pub["input_ids"]).logits[:, :-1].reshape(-1, V)
         target = torch.cat([kd.teacher[i * (T - 1):(i + 1) * (T - 1)] for i in pub_idx])

@@ -12,9 +12,9 @@ import torch
 from conftest import FAST, read_metrics
 
 from fedtune import checkpoint
+from fedtune.client.runtime import ClientRuntime, LocalConfig
+from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Channel, Message
-from fedtune.engine.client import ClientRuntime, LocalConfig
-from fedtune.engine.store import ClientStore
 from fedtune.seeding import derive_seed, sample_clients
 
 VOLATILE = ("time/", "mem/process")
@@ -202,7 +202,7 @@ def test_clients_per_round_clients_take_part_each_round(run_fedtune, monkeypatch
 # ---- the channel ----------------------------------------------------------------------------------
 
 def test_channel_delivers_meta_with_the_tensors():
-    from fedtune.comm.codec import make_codec
+    from fedtune.comm.spec import make_codec
 
     meta = {"num_examples": 30, "staleness": 2, "note": "x" * 100}
     for spec in ("none", "topk0.1+int8"):

@@ -57,7 +57,7 @@ def test_backend_is_not_a_knob():
 def test_parallel_equals_sequential(run_fedtune, strategy, monkeypatch):
     # 3 clients on 2 workers: one worker runs two clients back to back; `local` moves each client's
     # persistent adapter and AdamW state through rank 0's store and back every round.
-    from fedtune.engine.client import ClientRuntime
+    from fedtune.client.runtime import ClientRuntime
 
     common = (f"strategy={strategy}", "num_clients=3", "seed=7")
     seq = read_metrics(run_fedtune(*common)[1])

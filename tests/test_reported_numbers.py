@@ -94,3 +94,30 @@ def test_summary_after_resume_has_the_runs_choices_and_whole_wall_time(tmp_path,
     assert on_disk["choices"] == started
     assert first_wall < on_disk["time/wall_s"] <= first_wall + second_wall
     assert summary["time/wall_s"] == on_disk["time/wall_s"]
+
+
+def test_comm_time_is_the_channels_own_time_for_the_model_exchange(run_fedtune, monkeypatch):
+    """``time/comm_s`` is what the channel measured on the round's downloads and uploads."""
+    from fedtune.comm import channel as channel_module
+
+    real = channel_module.serialize
+
+    def slow(*args, **kwargs):
+        time.sleep(0.1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(channel_module, "serialize", slow)
+    for r in read_metrics(run_fedtune("strategy=fedavg", "num_rounds=1")[1]):
+        assert r["time/comm_s"] >= 4 * 0.1  # 2 clients x (down + up), each serialized once
+        assert r["time/aggregate_s"] < 0.1
+
+
+@pytest.mark.parametrize(("overrides", "arm"), [
+    ((), {"name": "fedavg", "strategy": "fedavg", "full_parameters": False}),
+    (("lora.enabled=false", "local.lr=1e-3"), {"name": "fedavg-full", "strategy": "fedavg", "full_parameters": True}),
+    (("strategy=fedcybgd", "lora.enabled=false"), {"name": "fedcybgd", "strategy": "fedcybgd", "full_parameters": True}),
+])
+def test_summary_names_the_arm_the_report_groups_by(run_fedtune, overrides, arm):
+    summary, out = run_fedtune("num_rounds=1", *overrides)
+    assert summary["arm"] == arm
+    assert json.loads((out / "summary.json").read_text())["arm"] == arm

@@ -3,10 +3,10 @@ dropped stays in the client's store entry and joins its next upload, round after
 
 import torch
 
+from fedtune.client.runtime import ClientRuntime, LocalConfig
+from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Channel, Message
-from fedtune.comm.codec import make_codec
-from fedtune.engine.client import ClientRuntime, LocalConfig
-from fedtune.engine.store import ClientStore
+from fedtune.comm.spec import make_codec
 
 
 class FixedUpdate:

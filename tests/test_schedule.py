@@ -8,9 +8,9 @@ from conftest import read_metrics
 from omegaconf import OmegaConf
 
 from fedtune.comm.channel import Message
-from fedtune.engine.clock import ClientProfile, client_profiles, client_time
-from fedtune.engine.schedule import Schedule, staleness_weight
 from fedtune.errors import ConfigError
+from fedtune.sim.clock import ClientProfile, client_profiles, client_time
+from fedtune.sim.schedule import Schedule, staleness_weight
 
 
 def _msgs(*cids):
@@ -80,7 +80,7 @@ def test_semi_sync_carry_keeps_the_straggler_late():
     # dispatched at version 0, aggregated by the 4th server step (version 3): 3 steps stale
     assert ready[0].meta["staleness"] == 3 and ready[1].meta["staleness"] == 0
     assert stats["comm/staleness_mean"] == pytest.approx(1.0) and stats["time/sim_round_s"] == 300.0
-    assert s.weights([ready[0]]) == [pytest.approx(0.5)]  # (1 + 3)^-0.5
+    assert ready[0].meta["staleness_weight"] == 0.5  # (1 + 3)^-0.5
     assert s.pending == [] and s.dispatch(seed=0, round_idx=4, num_clients=3, clients_per_round=3,
                                           sampled=[0, 1, 2]) == [0, 1, 2]
 
@@ -120,9 +120,16 @@ def test_semi_sync_carry_with_deadline_and_checkpoint():
 def test_stale_updates_count_less_in_aggregation():
     from fedtune.strategies.fedavg import FedAvg
 
-    strategy = FedAvg(weighting="uniform", mode="async")
-    stale = Message(meta={"num_examples": 1, "staleness": 3})
-    fresh = Message(meta={"num_examples": 1, "staleness": 0})
+    strategy = FedAvg(weighting="uniform")
+    s = Schedule(mode="async", buffer_size=2, staleness_exponent=0.5)
+    s.version = 3  # both were dispatched at version 0; one is re-dispatched fresh below
+    s.push({0: Message(meta={"num_examples": 1})}, {0: 1.0})
+    s.version, s.pending[0].version = 3, 0
+    s.push({1: Message(meta={"num_examples": 1})}, {1: 2.0})
+    ready, _ = s.collect()
+    stale, fresh = ready[0], ready[1]
+    assert (stale.meta["staleness"], fresh.meta["staleness"]) == (3, 0)
+    assert (stale.meta["staleness_weight"], fresh.meta["staleness_weight"]) == (0.5, 1.0)  # (1 + 3)^-0.5, (1 + 0)^-0.5
     assert strategy.aggregation_weights([stale, fresh]) == [pytest.approx(0.25), pytest.approx(0.5)]
 
 
@@ -153,11 +160,11 @@ def test_async_buffer_and_staleness():
     s.push(_msgs(*busy), {busy[0]: 5.0})  # starts at t=1 with version 1, arrives t=6
     ready, stats = s.collect()  # t=3: client 1 arrives, trained on version 0 -> staleness 1
     assert list(ready) == [1] and ready[1].meta["staleness"] == 1 and stats["time/sim_clock_s"] == 3.0
-    assert s.weights([ready[1]]) == [pytest.approx(2 ** -0.5)]
+    assert ready[1].meta["staleness_weight"] == pytest.approx(0.7071067811865476)  # (1 + 1)^-0.5
 
 
 def test_bad_schedule_settings():
-    with pytest.raises(ConfigError, match="strategy.mode"):
+    with pytest.raises(ConfigError, match="schedule.mode"):
         Schedule(mode="eventually")
     with pytest.raises(ConfigError, match="semi_sync"):
         Schedule(mode="semi_sync")
@@ -165,21 +172,21 @@ def test_bad_schedule_settings():
 
 @pytest.mark.parametrize("mode", ["semi_sync", "async"])
 def test_modes_end_to_end(run_fedtune, mode):
-    extra = ["strategy.min_clients=1"] if mode == "semi_sync" else ["strategy.buffer_size=1", "num_rounds=3"]
-    _, out = run_fedtune("strategy=gradualdiff", f"strategy.mode={mode}", "clients.speed.dist=choice",
+    extra = ["schedule.min_clients=1"] if mode == "semi_sync" else ["schedule.buffer_size=1", "num_rounds=3"]
+    _, out = run_fedtune("strategy=gradualdiff", f"schedule={mode}", "clients.speed.dist=choice",
                          "network=wan", *extra)
     rows = read_metrics(out)
     assert all(r["clients/aggregated"] == 1 for r in rows)
     assert all(r["time/sim_round_s"] > 0 for r in rows) and "comm/staleness_mean" in rows[-1]
-    again = read_metrics(run_fedtune("strategy=gradualdiff", f"strategy.mode={mode}", "clients.speed.dist=choice",
+    again = read_metrics(run_fedtune("strategy=gradualdiff", f"schedule={mode}", "clients.speed.dist=choice",
                                      "network=wan", *extra)[1])
     assert [r["time/sim_clock_s"] for r in rows] == [r["time/sim_clock_s"] for r in again]  # deterministic clock
 
 
 def test_semi_sync_carry_end_to_end(run_fedtune):
     """Client 0 is 5x slower: its round-0 update is aggregated only once the clock passes its arrival."""
-    _, out = run_fedtune("strategy=gradualdiff", "strategy.mode=semi_sync", "strategy.min_clients=1",
-                         "strategy.late=carry", "clients.speed.dist=choice", "clients.speed.choices=[1.0,5.0,1.0]",
+    _, out = run_fedtune("strategy=gradualdiff", "schedule=semi_sync", "schedule.min_clients=1",
+                         "schedule.late=carry", "clients.speed.dist=choice", "clients.speed.choices=[1.0,5.0,1.0]",
                          "num_rounds=6", "eval.every=0", "eval.bleu_samples=0")
     rows = read_metrics(out)
     assert rows[0]["clients/participants"] == 2 and rows[0]["clients/aggregated"] == 1

@@ -75,14 +75,14 @@ def test_bad_split_layer():
     w.model = model
     for k in (0, 3):
         with pytest.raises(ConfigError, match=f"strategy.split_layer={k}"):
-            Split(split_layer=k).setup(initial_state=get_trainable_state(model), num_clients=2, world=w)
+            Split(split_layer=k).setup(initial_state=get_trainable_state(model), num_clients=2, server=w)
 
 
 def test_split_bytes_per_step_match_shapes(run_fedtune):
     from conftest import FAST
 
     from fedtune.config import compose_config
-    from fedtune.seeding import TRAIN, generator
+    from fedtune.seeding import Purpose, generator
     from fedtune.train.local import batch_order
     from fedtune.world import build_world
 
@@ -95,7 +95,7 @@ def test_split_bytes_per_step_match_shapes(run_fedtune):
     hidden = cfg.model.builder.hidden_size
     up = down = 0
     for cid, shard in world.shards.items():
-        for idx in batch_order(shard, batch_size=cfg.local.batch_size, num_steps=2, generator=generator(0, 0, cid, TRAIN)):
+        for idx in batch_order(shard, batch_size=cfg.local.batch_size, num_steps=2, generator=generator(0, 0, cid, Purpose.TRAIN)):
             batch = collate(world.task.train, idx, pad_id=world.tokenizer.pad_token_id)
             b, t = batch["input_ids"].shape
             up += len(save({"activations": torch.zeros(b, t, hidden), "attention_mask": torch.zeros(b, t, dtype=torch.long),
@@ -112,7 +112,7 @@ def test_client_side_is_averaged_server_side_is_sequential():
     model, _ = _model(layers=3)
     init = get_trainable_state(model)
     s = Split(split_layer=1)
-    s.setup(initial_state=init, num_clients=2, world=None)
+    s.setup(initial_state=init, num_clients=2, server=None)
     assert all(on_client(k, 1) for k in s.global_state)
     assert s.server_state and not any(on_client(k, 1) for k in s.server_state)
     clients = {0: FakeClient(0, 1.0, 10), 1: FakeClient(1, 3.0, 30)}
@@ -143,10 +143,10 @@ def _tied_llama(layers=3):
 
 
 def _runtime(model, *, steps=3, grad_clip=None, vocab=40):
+    from fedtune.client.runtime import ClientRuntime, LocalConfig
+    from fedtune.client.store import ClientStore
     from fedtune.comm.channel import Channel
     from fedtune.data.format import Tokenized
-    from fedtune.engine.client import ClientRuntime, LocalConfig
-    from fedtune.engine.store import ClientStore
 
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(1, vocab, (6,), generator=g) for _ in range(8)]  # one length: no padding
@@ -155,6 +155,13 @@ def _runtime(model, *, steps=3, grad_clip=None, vocab=40):
                          local=LocalConfig(batch_size=4, lr=1e-2, max_steps=steps, weight_decay=0.01,
                                            grad_clip=grad_clip),
                          store=ClientStore(), channel=Channel(), seed=0, pad_id=0, device=torch.device("cpu"))
+
+
+def _server(rt):
+    """The server context split's server half trains with: the runtime's model and local settings."""
+    from fedtune.strategies.base import ServerContext
+
+    return ServerContext(model=rt.model, tokenizer=None, task=None, device=rt.device, local=rt.local, seed=rt.seed)
 
 
 def _build(kind):
@@ -168,16 +175,15 @@ def _build(kind):
 def test_split_update_equals_whole_model_update(kind, k):
     """Same batches, same AdamW: the split halves end where whole-model training ends (both halves
     step; a tied head's gradient is the server's head part + the client's embedding part)."""
-    from types import SimpleNamespace
 
-    from fedtune.seeding import TRAIN, generator
+    from fedtune.seeding import Purpose, generator
     from fedtune.train.local import train_local
 
     model = _build(kind)
     init = get_trainable_state(model)
     s = Split(split_layer=k)
-    s.setup(initial_state=init, num_clients=1, world=SimpleNamespace(model=model))
     rt = _runtime(model, vocab=base_of(model).config.vocab_size)
+    s.setup(initial_state=init, num_clients=1, server=_server(rt))
     msg = s.broadcast(0, [0])[0]
     result = rt.run(s, round_idx=0, client_id=0, message=msg)
     got = {**result.message.tensors, **s.server_state}
@@ -186,7 +192,7 @@ def test_split_update_equals_whole_model_update(kind, k):
     whole = _build(kind)
     torch.manual_seed(0)
     train_local(whole, rt.data, rt.shards[0], num_steps=3, batch_size=4, lr=1e-2, weight_decay=0.01, grad_clip=None,
-                generator=generator(0, 0, 0, TRAIN), pad_id=0, device=torch.device("cpu"))
+                generator=generator(0, 0, 0, Purpose.TRAIN), pad_id=0, device=torch.device("cpu"))
     expected = get_trainable_state(whole)
     for name, value in expected.items():
         assert not torch.equal(value, init[name]), name  # every trainable tensor moved (both halves stepped)
@@ -195,13 +201,12 @@ def test_split_update_equals_whole_model_update(kind, k):
 
 def test_tied_split_bytes_per_step_and_instrumentation_by_hand():
     """A tied head: its weight goes up and its gradient down every step; round trips and FLOPs by hand."""
-    from types import SimpleNamespace
 
     k, V, H, inter, layers = 1, 40, 16, 32, 3
     model = _tied_llama(layers)
     s = Split(split_layer=k)
-    s.setup(initial_state=get_trainable_state(model), num_clients=1, world=SimpleNamespace(model=model))
     rt = _runtime(model, grad_clip=1.0)
+    s.setup(initial_state=get_trainable_state(model), num_clients=1, server=_server(rt))
     rep = rt.run(s, round_idx=0, client_id=0, message=s.broadcast(0, [0])[0]).report
     by = rt.channel.bytes_by(0)
     meta = {"meta": "{}", "codec": "{}"}

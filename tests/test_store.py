@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedtune.engine.store import ClientStore
+from fedtune.client.store import ClientStore
 
 
 def test_spills_least_recently_used_and_restores_exactly(tmp_path):

@@ -1,10 +1,12 @@
 """Strategies with fake clients: hand-computed 2-client rounds."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from fakes import FakeClient, one_round
 
-from fedtune.engine.store import ClientStore
+from fedtune.client.store import ClientStore
 from fedtune.errors import ConfigError
 from fedtune.strategies.centralized import TRAINER_ID, Centralized
 from fedtune.strategies.fedavg import FedAvg
@@ -12,6 +14,7 @@ from fedtune.strategies.gradualdiff import GradualDiff
 from fedtune.strategies.local import Local
 
 INIT = {"w": torch.tensor([1.0, 2.0])}
+ASYNC = SimpleNamespace(synchronous=False)  # the server context of a schedule=async|semi_sync run
 
 
 def _clients():
@@ -93,16 +96,20 @@ def test_bad_strategy_settings():
 def test_stale_deltas_count_less_in_absolute_terms():
     from fedtune.comm.channel import Message
 
-    s = GradualDiff(server_lr=1.0, weighting="uniform", mode="async", buffer_size=2, staleness_exponent=0.5)
-    s.setup(initial_state={"w": torch.tensor([0.0])}, num_clients=2)
-    replies = {0: Message(tensors={"w": torch.tensor([2.0])}, meta={"num_examples": 1, "staleness": 0}),
-               1: Message(tensors={"w": torch.tensor([4.0])}, meta={"num_examples": 1, "staleness": 3})}
+    # the schedule's staleness weights (schedule.staleness_exponent=0.5): (1 + 0)^-0.5 = 1, (1 + 3)^-0.5 = 0.5
+    s = GradualDiff(server_lr=1.0, weighting="uniform")
+    s.setup(initial_state={"w": torch.tensor([0.0])}, num_clients=2, server=ASYNC)
+    replies = {0: Message(tensors={"w": torch.tensor([2.0])}, meta={"num_examples": 1, "staleness": 0,
+                                                                    "staleness_weight": 1.0}),
+               1: Message(tensors={"w": torch.tensor([4.0])}, meta={"num_examples": 1, "staleness": 3,
+                                                                    "staleness_weight": 0.5})}
     s.aggregate(0, replies)
     # 0.5 * 2 + 0.5 * (1 + 3)^-0.5 * 4 = 1 + 1 = 2
     assert torch.allclose(s.global_state["w"], torch.tensor([2.0]))
-    f = FedAvg(weighting="uniform", mode="async", buffer_size=2, staleness_exponent=1.0)
-    f.setup(initial_state={"w": torch.tensor([10.0])}, num_clients=2)
-    f.aggregate(0, {0: Message(tensors={"w": torch.tensor([0.0])}, meta={"num_examples": 1, "staleness": 1})})
+    f = FedAvg(weighting="uniform")  # staleness_exponent=1.0: (1 + 1)^-1 = 0.5
+    f.setup(initial_state={"w": torch.tensor([10.0])}, num_clients=2, server=ASYNC)
+    f.aggregate(0, {0: Message(tensors={"w": torch.tensor([0.0])}, meta={"num_examples": 1, "staleness": 1,
+                                                                        "staleness_weight": 0.5})})
     # a = 1 * (1 + 1)^-1 = 0.5 -> 0.5 * 0 + 0.5 * 10
     assert torch.allclose(f.global_state["w"], torch.tensor([5.0]))
 
@@ -139,14 +146,14 @@ def test_folding_matches_the_batch_mean_over_rounds():
 
 
 def test_async_rounds_keep_replies_whole():
-    s = FedAvg(mode="async", buffer_size=2)
-    s.setup(initial_state=INIT, num_clients=2)
+    s = FedAvg()
+    s.setup(initial_state=INIT, num_clients=2, server=ASYNC)
     reply = s.local_update(FakeClient(0, 1.0, 10), s.broadcast(0, [0])[0])
     assert s.fold(0, 0, reply) is reply  # staleness is known only when the schedule aggregates it
 
 
 def test_sequential_engine_sends_each_update_up_before_the_next_client_trains():
-    from fedtune.engine.client import ClientResult
+    from fedtune.client.runtime import ClientResult
     from fedtune.engine.sequential import SequentialEngine
 
     events = []
@@ -158,9 +165,11 @@ def test_sequential_engine_sends_each_update_up_before_the_next_client_trains():
 
     engine = SequentialEngine()
     engine.start(Runtime())
-    out = engine.run_round(None, round_idx=0, messages={3: "m3", 1: "m1"},
-                           receive=lambda cid, m: (events.append(("down", cid, m)), m)[1],
-                           deliver=lambda cid, res: events.append(("up", cid, res.message)))
+    downloads = ((events.append(("down", cid, m)), (cid, m))[1] for cid, m in {3: "m3", 1: "m1"}.items())
+    order = []
+    for cid, result in engine.run_round(None, round_idx=0, downloads=downloads):
+        events.append(("up", cid, result.take_message()))
+        order.append(cid)
     assert events == [("down", 3, "m3"), ("train", 3, "m3"), ("up", 3, "update 3"),
                       ("down", 1, "m1"), ("train", 1, "m1"), ("up", 1, "update 1")]
-    assert list(out) == [3, 1]
+    assert order == [3, 1]

@@ -4,11 +4,14 @@ Every message that would cross a network goes through :meth:`Channel.send`: its 
 encoded by the direction's codec and serialized with safetensors (its small ``meta`` travels in the
 safetensors header), ``len(payload)`` is recorded for (round, client, direction, kind), and the
 receiver gets a message decoded from those bytes: fresh tensors, never an alias of the sender's.
+Each transfer also records the wall-clock seconds the channel spent on it (encode, serialize,
+deserialize, decode): the run's ``time/comm_s`` is read from here.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +51,7 @@ class Transfer:
     direction: str
     kind: str
     num_bytes: int
+    seconds: float = 0.0  # wall clock spent in send(): encode + serialize + deserialize + decode
 
 
 def serialize(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> bytes:
@@ -75,15 +79,24 @@ class Channel:
         assert direction in DIRECTIONS, direction
         if message.is_empty():  # nothing crosses the network
             return Message(pool=message.pool)
+        start = time.perf_counter()
         codec = self.codecs[direction]
         encoded, codec_meta = codec.encode(message.tensors)
         header = {"meta": json.dumps(message.meta, sort_keys=True), "codec": json.dumps(codec_meta, sort_keys=True)}
         payload = serialize(encoded, header)
-        self.transfers.append(Transfer(round_idx, client_id, direction, kind, len(payload)))
         tensors, got = deserialize(payload)
-        return Message(
+        out = Message(
             tensors=codec.decode(tensors, json.loads(got["codec"])), meta=json.loads(got["meta"]), pool=message.pool
         )
+        self.transfers.append(Transfer(round_idx, client_id, direction, kind, len(payload),
+                                       time.perf_counter() - start))
+        return out
+
+    def seconds(self, round_idx: int, *, kinds: tuple[str, ...] = ("model",)) -> float:
+        """Wall-clock seconds this round's transfers of ``kinds`` took in the channel (both directions).
+        The default, the model exchange, is ``time/comm_s``; mid-update traffic (split's activations and
+        gradients) is part of the update it happens in."""
+        return sum(t.seconds for t in self.transfers if t.round_idx == round_idx and t.kind in kinds)
 
     def bytes_by(self, round_idx: int) -> dict[str, int]:
         """This round's bytes: ``up``, ``down`` and per kind (``up/<kind>``, ``down/<kind>``)."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from omegaconf import DictConfig
 
+from fedtune.client.runtime import ClientResult, ClientRuntime, Updater
 from fedtune.comm.channel import Message
-from fedtune.engine.client import ClientResult, ClientRuntime, Deliver, Receive
-from fedtune.strategies.base import Strategy
 
 
 class SequentialEngine:
@@ -18,20 +19,14 @@ class SequentialEngine:
     def start(self, runtime: ClientRuntime, cfg: DictConfig | None = None) -> None:
         self.runtime = runtime
 
-    def run_round(self, strategy: Strategy, *, round_idx: int, messages: dict[int, Message],
-                  receive: Receive | None = None, deliver: Deliver | None = None) -> dict[int, ClientResult]:
-        """Each client in turn; ``receive`` (the channel's download) runs just before its update and
-        ``deliver`` (the uplink) just after it, so one client's download and one client's update are
-        alive at a time, whatever the number of clients."""
+    def run_round(self, strategy: Updater, *, round_idx: int,
+                  downloads: Iterable[tuple[int, Message]]) -> Iterator[tuple[int, ClientResult]]:
+        """Each client in turn: take its download from ``downloads`` (a lazy stream: the channel decodes
+        it just now), run its update, yield ``(client_id, result)``. The caller sends the reply up before
+        asking for the next client, so one download and one update are alive at a time."""
         assert self.runtime is not None, "start() first"
-        out = {}
-        for cid, msg in messages.items():
-            result = self.runtime.run(strategy, round_idx=round_idx, client_id=cid,
-                                      message=receive(cid, msg) if receive is not None else msg)
-            if deliver is not None:
-                deliver(cid, result)
-            out[cid] = result
-        return out
+        for cid, message in downloads:
+            yield cid, self.runtime.run(strategy, round_idx=round_idx, client_id=cid, message=message)
 
     def close(self) -> None:
         self.runtime = None

@@ -8,17 +8,17 @@ Server: example-weighted (or uniform) mean of the uploaded states becomes the ne
 
 from __future__ import annotations
 
+from fedtune.client.runtime import ClientContext
 from fedtune.comm.channel import Message
-from fedtune.engine.client import ClientContext
-from fedtune.engine.schedule import Schedule
 from fedtune.strategies.aggregate import weighted_sum
 from fedtune.strategies.base import Strategy, StreamingMean, check_weighting
 
 
 class FedAvg(StreamingMean, Strategy):
-    def __init__(self, *, weighting: str = "examples", mode: str = "sync", **schedule) -> None:
+    supports_async = True
+
+    def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = check_weighting(weighting)
-        self.schedule = Schedule(mode=mode, **schedule)
 
     def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
         return {cid: Message(tensors=self.global_state) for cid in client_ids}

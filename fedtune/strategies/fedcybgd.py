@@ -39,23 +39,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft import PeftModel
 
+from fedtune.client.runtime import ClientContext
 from fedtune.comm.channel import Message
-from fedtune.engine.client import ClientContext
 from fedtune.errors import ConfigError
 from fedtune.models.blocks import BlockLayout, block_layout, find_layers_path, only_layers, set_partial_state
 from fedtune.models.lora import State
 from fedtune.strategies.aggregate import add_scaled
-from fedtune.strategies.base import Strategy
+from fedtune.strategies.base import ServerContext, Strategy
 from fedtune.strategies.fedcybgd_compress import decode_pruned, encode_pruned
 from fedtune.train.local import Loss
-
-if TYPE_CHECKING:
-    from fedtune.world import World
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +86,9 @@ class FedCyBGD(Strategy):
         self.next_round = 0
         self._warned = False
 
-    def setup(self, *, initial_state: State, num_clients: int, world: World | None = None) -> None:
-        super().setup(initial_state=initial_state, num_clients=num_clients, world=world)
-        if (world is not None and isinstance(world.model, PeftModel)) or any("lora_" in k for k in initial_state):
+    def setup(self, *, initial_state: State, num_clients: int, server: ServerContext | None = None) -> None:
+        super().setup(initial_state=initial_state, num_clients=num_clients, server=server)
+        if (server is not None and isinstance(server.model, PeftModel)) or any("lora_" in k for k in initial_state):
             raise ConfigError("strategy=fedcybgd trains full parameters: set lora.enabled=false")
         path = find_layers_path(initial_state)
         if path is None:
@@ -121,12 +118,16 @@ class FedCyBGD(Strategy):
                     out[key] = self.global_state[key]
         return out
 
-    def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
-        if len(client_ids) < self.num_clients and not self._warned:
+    def select(self, round_idx: int, sampled: list[int]) -> list[int]:
+        if len(sampled) < self.num_clients and not self._warned:
             self._warned = True
             log.warning("strategy=fedcybgd schedules one client per round itself (round r: client r mod "
                         "num_clients); clients_per_round is ignored")
+        return [self.assignment(round_idx)[0]]
+
+    def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
         client_id, block = self.assignment(round_idx)
+        assert client_ids == [client_id], (client_ids, client_id)  # what select() chose
         return {client_id: Message(tensors=self.download(block), meta={"block": block})}
 
     def local_update(self, client: ClientContext, message: Message) -> Message:

@@ -10,21 +10,21 @@ is FedAvg; deltas are what make compression pay (see the ``comm`` codecs).
 
 from __future__ import annotations
 
+from fedtune.client.runtime import ClientContext
 from fedtune.comm.channel import Message
-from fedtune.engine.client import ClientContext
-from fedtune.engine.schedule import Schedule
 from fedtune.errors import ConfigError
 from fedtune.strategies.aggregate import add_scaled, subtract, weighted_sum
 from fedtune.strategies.base import Strategy, StreamingMean, check_weighting
 
 
 class GradualDiff(StreamingMean, Strategy):
-    def __init__(self, *, server_lr: float = 1.0, weighting: str = "uniform", mode: str = "sync", **schedule) -> None:
+    supports_async = True
+
+    def __init__(self, *, server_lr: float = 1.0, weighting: str = "uniform") -> None:
         if server_lr <= 0:
             raise ConfigError(f"strategy.server_lr={server_lr}: must be > 0 (the paper uses 1.0)")
         self.server_lr = float(server_lr)
         self.weighting = check_weighting(weighting)
-        self.schedule = Schedule(mode=mode, **schedule)
 
     def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
         return {cid: Message(tensors=self.global_state) for cid in client_ids}

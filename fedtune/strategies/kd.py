@@ -26,21 +26,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedtune.client.runtime import ClientContext
 from fedtune.comm.channel import Message
 from fedtune.config import CONF_DIR
 from fedtune.data.format import IGNORE_INDEX, collate
 from fedtune.data.schema import Splits
 from fedtune.data.tasks import tokenize_like
-from fedtune.engine.client import ClientContext
 from fedtune.errors import ConfigError
-from fedtune.models.lora import State, get_trainable_state, set_trainable_state
-from fedtune.seeding import derive_seed, generator
+from fedtune.models.lora import State
+from fedtune.seeding import Purpose, generator
 from fedtune.strategies.aggregate import client_weights
-from fedtune.strategies.base import Strategy, check_weighting
-from fedtune.train.local import Loss, batch_order, compute_params, train_local
+from fedtune.strategies.base import ServerContext, Strategy, check_weighting
+from fedtune.train.local import Loss, batch_order, compute_params
 
 DOWNLINKS = ("logits", "adapter", "both")
-KD_STREAM, SERVER_STREAM = 11, 12  # seeding purposes
 
 
 def _rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -105,12 +104,12 @@ class KD(Strategy):
         self.public_examples = rng.sample(public, min(self.public_samples, len(public)))
         return splits
 
-    def setup(self, *, initial_state: State, num_clients: int, world=None) -> None:
-        super().setup(initial_state=initial_state, num_clients=num_clients, world=world)
+    def setup(self, *, initial_state: State, num_clients: int, server: ServerContext | None = None) -> None:
+        super().setup(initial_state=initial_state, num_clients=num_clients, server=server)
         self.initial_state = initial_state
-        if world is not None:
-            self.public, _ = tokenize_like(world.task, self.public_examples, world.tokenizer,
-                                           max_seq_len=int(world.cfg.local.max_seq_len))
+        if server is not None:
+            self.public, _ = tokenize_like(server.task, self.public_examples, server.tokenizer,
+                                           max_seq_len=server.local.max_seq_len)
 
     # ---- knowledge <-> tensors
     def _probs(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -168,7 +167,7 @@ class KD(Strategy):
         loss_fn, kd_tokens = None, [0]
         if teacher is not None and self.kd_weight > 0:
             stream = batch_order(list(range(len(self.public))), batch_size=rt.local.batch_size, num_steps=10**9,
-                                 generator=generator(rt.seed, client.round_idx, client.client_id, KD_STREAM))
+                                 generator=generator(rt.seed, client.round_idx, client.client_id, Purpose.KD_PUBLIC))
 
             def loss_fn(model, batch, idx):
                 pub_idx = next(stream)
@@ -216,19 +215,11 @@ class KD(Strategy):
 
     def _distill(self, round_idx: int) -> float:
         """server_kd_steps of KD from the aggregated teacher into the global model (on the server's model)."""
-        assert self.world is not None and self.teacher is not None
-        model, cfg = self.world.model, self.world.cfg
-        set_trainable_state(model, self.global_state)
+        assert self.server is not None and self.teacher is not None
         teacher, offsets = self.teacher, self._offsets()
-        torch.manual_seed(derive_seed(int(cfg.seed), round_idx, SERVER_STREAM))  # dropout: same on every engine
-        result, _ = train_local(
-            model, self.public, list(range(len(self.public))), num_steps=self.server_kd_steps,
-            batch_size=int(cfg.local.batch_size), lr=float(cfg.local.lr), weight_decay=float(cfg.local.weight_decay),
-            grad_clip=cfg.local.grad_clip, generator=generator(int(cfg.seed), round_idx, SERVER_STREAM),
-            pad_id=self.world.tokenizer.pad_token_id, device=self.world.device,
-            loss_fn=lambda m, b, idx: self._kd_loss(m, b, idx, teacher, offsets),
-        )
-        self.global_state = get_trainable_state(model)
+        self.global_state, result = self.server.train(
+            self.global_state, lambda m, b, idx: self._kd_loss(m, b, idx, teacher, offsets), data=self.public,
+            steps=self.server_kd_steps, round_idx=round_idx, stream=Purpose.SERVER)
         return result.loss
 
     def state_dict(self) -> dict[str, Any]:

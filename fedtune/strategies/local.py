@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+from fedtune.client.runtime import ClientContext
+from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Message
-from fedtune.engine.client import ClientContext
-from fedtune.engine.store import ClientStore
 from fedtune.models.lora import State
 from fedtune.strategies.base import Strategy, persistent_local_update
 

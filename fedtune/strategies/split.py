@@ -45,20 +45,17 @@ from typing import Any
 
 import torch
 
+from fedtune.client.runtime import ClientContext
 from fedtune.comm.channel import Message
 from fedtune.data.format import collate
-from fedtune.engine.client import ClientContext
 from fedtune.errors import ConfigError
 from fedtune.models.lora import State, get_trainable_state, set_trainable_state
 from fedtune.models.split import client_forward, num_layers, on_client, server_forward, tied_head
-from fedtune.seeding import TRAIN, generator
+from fedtune.seeding import Purpose, generator
 from fedtune.strategies.aggregate import weighted_sum
-from fedtune.strategies.base import Strategy, check_weighting
+from fedtune.strategies.base import ServerContext, Strategy, check_weighting
+from fedtune.tensors import nbytes
 from fedtune.train.local import TrainResult, batch_order, compute_params, plan_steps
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 class Split(Strategy):
@@ -70,32 +67,31 @@ class Split(Strategy):
         self.server_state: State = {}
         self.server_optimizer: dict[str, Any] | None = None
 
-    def setup(self, *, initial_state: State, num_clients: int, world=None) -> None:
-        n = num_layers(world.model) if world is not None else None
+    def setup(self, *, initial_state: State, num_clients: int, server: ServerContext | None = None) -> None:
+        n = num_layers(server.model) if server is not None else None
         if n is not None and not 1 <= self.split_layer <= n - 1:
             raise ConfigError(f"strategy.split_layer={self.split_layer}: must be between 1 and {n - 1} "
                               f"(the model has {n} decoder layers)")
         client = {k: v for k, v in initial_state.items() if on_client(k, self.split_layer)}
-        super().setup(initial_state=client, num_clients=num_clients, world=world)
+        super().setup(initial_state=client, num_clients=num_clients, server=server)
         self.server_state = {k: v for k, v in initial_state.items() if not on_client(k, self.split_layer)}
 
     def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
         return {cid: Message(tensors=self.global_state) for cid in client_ids}
 
     def local_update(self, client: ClientContext, message: Message) -> Message:
-        rt, k = client.runtime, self.split_layer
+        rt, k, server = client.runtime, self.split_layer, self.server
+        assert server is not None, "split learning needs the server: setup(server=...)"
         model = client.model
         set_trainable_state(model, {**message.tensors, **self.server_state})
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         client_params = [p for n, p in named if on_client(n, k)]
         server_params = [p for n, p in named if not on_client(n, k)]
         client_opt = torch.optim.AdamW(client_params, lr=rt.local.lr, weight_decay=rt.local.weight_decay)
-        server_opt = torch.optim.AdamW(server_params, lr=rt.local.lr, weight_decay=rt.local.weight_decay)
-        if self.server_optimizer is not None:
-            server_opt.load_state_dict(self.server_optimizer)
+        server_opt = server.optimizer(server_params, self.server_optimizer)  # one AdamW state across rounds
         steps = plan_steps(len(client.indices), batch_size=rt.local.batch_size, epochs=rt.local.epochs,
                            max_steps=rt.local.max_steps)
-        gen = generator(rt.seed, client.round_idx, client.client_id, TRAIN)
+        gen = generator(rt.seed, client.round_idx, client.client_id, Purpose.TRAIN)
         tied = tied_head(model)  # client-owned; see the module docstring
         model.train()
         client_s = server_s = loss_sum = 0.0
@@ -116,11 +112,7 @@ class Split(Strategy):
             head = up.tensors["head_weight"].to(rt.device).requires_grad_(True) if tied is not None else None
             loss = server_forward(model, received, up.tensors["attention_mask"].to(rt.device),
                                   up.tensors["labels"].to(rt.device), k, head_weight=head)
-            server_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if rt.local.grad_clip:
-                torch.nn.utils.clip_grad_norm_(server_params, rt.local.grad_clip)
-            server_opt.step()
+            server.step(server_opt, loss, server_params)
             back = {"grad": received.grad}
             if head is not None:
                 back["head_grad"] = head.grad
@@ -148,8 +140,8 @@ class Split(Strategy):
         self.server_optimizer = server_opt.state_dict()
         client_state = {key: v for key, v in state.items() if on_client(key, k)}
         on_device = [p for n, p in model.named_parameters() if on_client(n, k) or "embed_tokens" in n]
-        held = sum(_nbytes(p) + (_nbytes(p.grad) if p.grad is not None else 0) for p in on_device)
-        held += sum(_nbytes(v) for st in client_opt.state.values() for v in st.values() if torch.is_tensor(v))
+        held = sum(nbytes(p) + (nbytes(p.grad) if p.grad is not None else 0) for p in on_device)
+        held += sum(nbytes(v) for st in client_opt.state.values() for v in st.values() if torch.is_tensor(v))
         # FLOPs: the client runs its layers (embedding lookups are not matmuls; a tied head's matmul is
         # the server's); the server runs everything else a token passes through.
         client_compute = sum(p.numel() for n, p in model.named_parameters()

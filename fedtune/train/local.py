@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from fedtune.data.format import Tokenized, collate
+from fedtune.tensors import nbytes
 
 
 @dataclass
@@ -136,10 +137,6 @@ def _item(value: torch.Tensor | float) -> float:
     return value.detach().item() if torch.is_tensor(value) else float(value)
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def compute_params(model: torch.nn.Module) -> int:
     """Parameters a token passes through, each counted once.
 
@@ -157,7 +154,7 @@ def compute_params(model: torch.nn.Module) -> int:
 
 def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Bytes of the parameters, their gradients and the optimizer state the client holds (tensors measured)."""
-    total = sum(_nbytes(p) + (_nbytes(p.grad) if p.grad is not None else 0) for p in model.parameters())
+    total = sum(nbytes(p) + (nbytes(p.grad) if p.grad is not None else 0) for p in model.parameters())
     if optimizer is not None:
-        total += sum(_nbytes(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+        total += sum(nbytes(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
     return total

@@ -8,28 +8,24 @@ local update. Strategies only see :class:`ClientContext`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Channel, Message
 from fedtune.comm.feedback import compress_with_feedback, corrected
 from fedtune.data.format import Tokenized
-from fedtune.engine.store import ClientStore
 from fedtune.models.lora import State, get_trainable_state, set_trainable_state
-from fedtune.seeding import TRAIN, derive_seed, generator
+from fedtune.seeding import Purpose, derive_seed, generator
 from fedtune.train.local import LossFn, TrainResult, plan_steps, train_local
 
-if TYPE_CHECKING:
-    from fedtune.strategies.base import Strategy
 
+class Updater(Protocol):
+    """What the runtime runs: a strategy's client side (:meth:`fedtune.strategies.base.Strategy.local_update`)."""
 
-# the channel's download for one client: (client_id, message as sent) -> the client's decoded copy
-Receive = Callable[[int, Message], Message]
-# the uplink: called with each finished update as soon as it is done; takes the result's message
-Deliver = Callable[[int, "ClientResult"], None]
+    def local_update(self, client: ClientContext, message: Message) -> Message: ...
 
 
 @dataclass
@@ -42,6 +38,7 @@ class LocalConfig:
     max_steps: int | None = None
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
+    max_seq_len: int = 128  # (tokenization only: training takes the data as tokenized)
 
 
 @dataclass
@@ -51,6 +48,12 @@ class ClientResult:
     message: Message | None  # None once the uplink has taken it
     report: TrainResult | None
     seconds: float
+
+    def take_message(self) -> Message:
+        """The reply, handed to the uplink: the client's copy is gone once sent."""
+        message, self.message = self.message, None
+        assert message is not None, "the reply was already sent"
+        return message
 
 
 @dataclass
@@ -68,11 +71,11 @@ class ClientRuntime:
     device: torch.device
     error_feedback: bool = False
 
-    def run(self, strategy: Strategy, *, round_idx: int, client_id: int, message: Message) -> ClientResult:
+    def run(self, strategy: Updater, *, round_idx: int, client_id: int, message: Message) -> ClientResult:
         """Run ``strategy.local_update`` for one client; its store entry is saved afterwards."""
         # Dropout draws from the global RNG: seed it per (seed, round, client) so a client's update
         # does not depend on which clients ran before it, or on which worker runs it.
-        torch.manual_seed(derive_seed(self.seed, round_idx, client_id, TRAIN))
+        torch.manual_seed(derive_seed(self.seed, round_idx, client_id, Purpose.TRAIN))
         pool = message.pool or (client_id,)
         indices = sorted(i for c in pool for i in self.shards[c])
         ctx = ClientContext(
@@ -117,6 +120,11 @@ class ClientContext:
         return self.runtime.model
 
     @property
+    def local(self) -> LocalConfig:
+        """The ``local.*`` training settings."""
+        return self.runtime.local
+
+    @property
     def channel(self) -> Channel:
         """For protocols that talk during a local update (activations, logits)."""
         return self.runtime.channel
@@ -142,7 +150,7 @@ class ClientContext:
         result, opt_state = train_local(
             self.runtime.model, self.runtime.data, self.indices,
             num_steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            grad_clip=cfg.grad_clip, generator=generator(self.runtime.seed, self.round_idx, self.client_id, TRAIN),
+            grad_clip=cfg.grad_clip, generator=generator(self.runtime.seed, self.round_idx, self.client_id, Purpose.TRAIN),
             pad_id=self.runtime.pad_id, device=self.runtime.device, loss_fn=loss_fn,
             optimizer_state=self.state.get("optimizer") if keep_optimizer else None,
         )

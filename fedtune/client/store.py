@@ -15,15 +15,7 @@ from typing import Any
 
 import torch
 
-
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_nbytes(v) for v in obj)
-    return 0
+from fedtune.tensors import nbytes
 
 
 class ClientStore:
@@ -71,7 +63,7 @@ class ClientStore:
             self._path(client_id).unlink(missing_ok=True)
         self._memory[client_id] = state
         self._memory.move_to_end(client_id)
-        self._sizes[client_id] = _nbytes(state)
+        self._sizes[client_id] = nbytes(state)
         self._spill()
 
     def state_dict(self, spill_to: Path | None = None) -> dict[str, Any]:

@@ -25,9 +25,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fedtune.errors import ConfigError
-from fedtune.seeding import derive_seed
+from fedtune.seeding import Purpose, derive_seed
 
-PROFILE = 21  # seeding purpose
 DISTS = ("constant", "uniform", "lognormal", "choice")
 
 
@@ -57,7 +56,7 @@ def _draw(rng: np.random.Generator, spec: DictConfig, n: int, key: str) -> np.nd
 
 def client_profiles(clients: DictConfig, network: DictConfig, *, num_clients: int, seed: int) -> list[ClientProfile]:
     """Deterministic per-client profiles from the ``clients`` and ``network`` config nodes."""
-    rng = np.random.default_rng(derive_seed(seed, 0, PROFILE))
+    rng = np.random.default_rng(derive_seed(seed, 0, Purpose.PROFILE))
     speed = _draw(rng, clients.speed, num_clients, "clients.speed")
     if (speed <= 0).any():
         raise ConfigError("clients.speed: multipliers must be > 0")

@@ -25,7 +25,7 @@ import numpy as np
 
 from fedtune.comm.channel import Message
 from fedtune.errors import ConfigError
-from fedtune.seeding import SAMPLE, derive_seed
+from fedtune.seeding import Purpose, derive_seed
 
 MODES = ("sync", "semi_sync", "async")
 
@@ -45,7 +45,7 @@ class Pending:
 
 @dataclass
 class Schedule:
-    """The aggregation schedule (config: ``strategy.mode`` and its knobs)."""
+    """The aggregation schedule (config group ``schedule=sync|semi_sync|async``, conf/schedule/)."""
 
     mode: str = "sync"
     min_clients: int | None = None
@@ -59,13 +59,13 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ConfigError(f"strategy.mode={self.mode}: choose one of {', '.join(MODES)}")
+            raise ConfigError(f"schedule.mode={self.mode}: choose one of {', '.join(MODES)} (schedule=sync|semi_sync|async)")
         if self.late not in ("drop", "carry"):
-            raise ConfigError(f"strategy.late={self.late}: choose drop or carry")
+            raise ConfigError(f"schedule.late={self.late}: choose drop or carry")
         if self.mode == "semi_sync" and self.min_clients is None and self.deadline_s is None:
-            raise ConfigError("strategy.mode=semi_sync: set strategy.min_clients or strategy.deadline_s")
+            raise ConfigError("schedule=semi_sync: set schedule.min_clients or schedule.deadline_s")
         if self.buffer_size < 1:
-            raise ConfigError(f"strategy.buffer_size={self.buffer_size}: must be >= 1")
+            raise ConfigError(f"schedule.buffer_size={self.buffer_size}: must be >= 1")
 
     def dispatch(self, *, seed: int, round_idx: int, num_clients: int, clients_per_round: int,
                  sampled: list[int]) -> list[int]:
@@ -80,7 +80,7 @@ class Schedule:
         want = clients_per_round - len(busy)
         if want <= 0:
             return []
-        rng = np.random.default_rng(derive_seed(seed, round_idx, SAMPLE))
+        rng = np.random.default_rng(derive_seed(seed, round_idx, Purpose.SAMPLE))
         return sorted(int(c) for c in rng.choice(idle, size=min(want, len(idle)), replace=False))
 
     def push(self, replies: dict[int, Message], durations: dict[int, float]) -> None:
@@ -88,7 +88,9 @@ class Schedule:
             self.pending.append(Pending(self.now + durations[cid], cid, self.version, msg))
 
     def collect(self) -> tuple[dict[int, Message], dict[str, Any]]:
-        """The replies to aggregate now (``meta["staleness"]`` set), advancing the clock and version."""
+        """The replies to aggregate now, advancing the clock and version. Each reply's ``meta`` gains
+        ``staleness`` (server steps since its client downloaded) and ``staleness_weight``
+        ((1 + staleness)^-staleness_exponent, 1 when fresh), which strategies multiply into their weights."""
         self.pending.sort()
         start = self.now
         dropped = 0
@@ -127,18 +129,15 @@ class Schedule:
         for p in take:
             s = self.version - p.version
             staleness.append(s)
-            out[p.client_id] = Message(tensors=p.message.tensors, meta={**p.message.meta, "staleness": s},
-                                       pool=p.message.pool)
+            weight = staleness_weight(s, self.staleness_exponent)  # 1 for a fresh update
+            out[p.client_id] = Message(tensors=p.message.tensors, pool=p.message.pool,
+                                       meta={**p.message.meta, "staleness": s, "staleness_weight": weight})
         self.version += 1
         stats = {"time/sim_round_s": self.now - start, "time/sim_clock_s": self.now,
                  "clients/aggregated": len(out), "clients/dropped_late": dropped}
         if self.mode != "sync":
             stats["comm/staleness_mean"] = float(np.mean(staleness)) if staleness else 0.0
         return out, stats
-
-    def weights(self, messages: list[Message]) -> list[float]:
-        """Per-message staleness factors (all 1 in sync mode)."""
-        return [staleness_weight(int(m.meta.get("staleness", 0)), self.staleness_exponent) for m in messages]
 
     def state_dict(self) -> dict[str, Any]:
         return {"now": self.now, "version": self.version, "pending": self.pending}

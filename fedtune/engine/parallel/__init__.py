@@ -1,0 +1,36 @@
+"""The parallel engine: worker processes, one per device, each with ONE resident base model.
+
+Rank 0 runs the round loop (``run.py``) and keeps its own model for evaluation only. Ranks 1..N are
+workers: each builds the same world from the config once (every draw is seeded from the config;
+checked at start-up), then serves rounds. Rank 0 sends each worker its share of the round's
+clients (balanced by shard size) with their messages and client-store entries; the worker runs
+them back to back and returns, per client, the result, the updated store entry and the channel
+records of traffic *during* the update (split learning's activations). Rank 0 writes those into its
+own store and channel, so bytes, aggregation and outputs happen where they do with ``sequential``;
+only rank 0 writes files or talks to W&B.
+
+Objects (tensors moved to CPU) are pickled over torch.distributed point-to-point on gloo. No
+process waits blindly: a worker that raises stops the run with its own message, one that dies
+stops it at once, one that hangs stops it after ``timeout_s``.
+
+One node: ``fedtune engine=parallel engine.workers=2`` starts the workers itself (CPU: forked from
+a forkserver that imported fedtune once; CUDA: spawned, worker i on cuda:i-1), tcp on 127.0.0.1.
+
+Several nodes: the same command on every node under torchrun,
+
+    torchrun --nnodes=2 --nproc-per-node=G --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        -m fedtune engine=parallel ...
+
+Rank 0 runs the CLI, Hydra, the loop, evaluation and every output; every other rank is a worker
+(:func:`serve_torchrun_worker`) on the device of its LOCAL_RANK (so rank 0 keeps cuda:0 of its node
+for evaluation). Every node needs the same code, data and model paths: each worker builds the
+world itself, and a different partition or initial model stops the run at start-up. A ``-m`` sweep
+reuses the same workers job after job.
+"""
+
+from fedtune.engine.parallel.engine import ParallelEngine, assign_clients
+from fedtune.engine.parallel.process import prestart, under_torchrun
+from fedtune.engine.parallel.worker import serve_spawned_worker, serve_torchrun_worker
+
+__all__ = ["ParallelEngine", "assign_clients", "prestart", "serve_spawned_worker", "serve_torchrun_worker",
+           "under_torchrun"]
