@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 from omegaconf import DictConfig
 
@@ -160,6 +161,7 @@ def _task(cfg: DictConfig) -> None:
     from fedtune.run import run
 
     hc = HydraConfig.get()
+    assert hc.mode is not None  # hydra sets hydra.mode (RUN or MULTIRUN) before it calls the task
     multirun = hc.mode.name == "MULTIRUN"
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(hc.runtime.output_dir)
     try:
@@ -197,9 +199,11 @@ def os_error_line(err: OSError, where: Path, *, running: bool = True) -> str:
     """One line for a file-system failure: the path and what went wrong, and that earlier rounds stand."""
     path = err.filename or where
     what = err.strerror or type(err).__name__
-    hint = {errno.ENOSPC: "free some space", errno.EACCES: "choose a writable folder (output_dir=...)",
-            errno.EROFS: "choose a writable folder (output_dir=...)",
-            errno.ENOTDIR: "a part of the path is a file; choose another folder"}.get(err.errno, "")
+    hints: dict[int | None, str] = {
+        errno.ENOSPC: "free some space", errno.EACCES: "choose a writable folder (output_dir=...)",
+        errno.EROFS: "choose a writable folder (output_dir=...)",
+        errno.ENOTDIR: "a part of the path is a file; choose another folder"}
+    hint = hints.get(err.errno, "")  # errno is None for an OSError raised without one
     line = f"{path}: {what}" + (f"; {hint}" if hint else "")
     return line + (f" (rounds checkpointed before this stay resumable: resume={where})" if running else "")
 
@@ -302,7 +306,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
     saved = folder / "config.yaml"
     if not saved.exists():
         raise ConfigError(f"resume={folder}: not a fedtune run folder (no config.yaml); pass the run's folder")
-    old = OmegaConf.load(saved)
+    old = cast(DictConfig, OmegaConf.load(saved))  # a run's config.yaml is a mapping
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
         if key == "resume" or key.startswith("hydra."):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -85,7 +85,7 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     out = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(out, dict)
     out.pop("hydra", None)
-    return out
+    return cast("dict[str, Any]", out)  # OmegaConf keys may be any DictKeyType; a run's config has str keys
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:

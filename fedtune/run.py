@@ -384,4 +384,5 @@ def _save_adapters(model: torch.nn.Module, states: Mapping[str, Any], folder: Pa
         set_trainable_state(model, state)
         target = folder if len(states) == 1 else folder / name
         kwargs = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
-        model.save_pretrained(str(target), **kwargs)
+        # save_pretrained is a transformers/peft method; nn.Module types unknown attributes as Tensor | Module
+        model.save_pretrained(str(target), **kwargs)  # type: ignore[operator]

@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, cast
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class WandbSink:
         run_config: dict[str, Any],
         project: str = "fedtune",
         entity: str | None = None,
-        mode: str = "offline",
+        mode: Literal["online", "offline", "disabled", "shared"] = "offline",
         group: str | None = None,
         name: str | None = None,
         tags: list[str] | None = None,
@@ -126,7 +126,9 @@ class WandbSink:
 
     def log_media(self, *, images: dict[str, Path], tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None:
         payload: dict[str, Any] = {k: self._wandb.Image(str(p)) for k, p in images.items()}
-        payload.update({k: self._wandb.Table(columns=cols, data=rows) for k, (cols, rows) in tables.items()})
+        # wandb.Table annotates columns as the invariant list[str | int]; a list[str] is what it reads
+        payload.update({k: self._wandb.Table(columns=cast("list[str | int]", cols), data=rows)
+                        for k, (cols, rows) in tables.items()})
         if payload:
             self.run.log(payload, commit=False)
 

@@ -174,7 +174,8 @@ class RandomK(TopK):
 
     def _select(self, name: str, t: torch.Tensor, k: int) -> tuple[torch.Tensor, str, torch.Tensor | None]:
         content = t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy()
-        seed = zlib.crc32(content, zlib.crc32(f"{self.seed}:{name}".encode()))
+        # numpy declares ndarray.__buffer__ only for Python >= 3.12; the buffer protocol is there on 3.11 too
+        seed = zlib.crc32(content, zlib.crc32(f"{self.seed}:{name}".encode()))  # type: ignore[arg-type]
         return random_indices(seed, t.numel(), k), f"r{seed}", None
 
     def _indices(self, data: torch.Tensor | None, tag: str, n: int, k: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -17,9 +18,10 @@ PLAIN_TEMPLATE = "Instruction : {prompt}\nResponse :"
 def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The model's chat template when it has one, else a plain instruction template."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
+        # tokenize=False returns the text (transformers annotates every return form together)
+        return cast(str, tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+        ))
     return PLAIN_TEMPLATE.format(prompt=prompt)
 
 

@@ -81,7 +81,7 @@ def _check_counts(num_examples: int, num_clients: int, samples_per_client: int |
         )
 
 
-def _finish(parts: Sequence[Sequence[int]], hint: str) -> Parts:
+def _finish(parts: Sequence[Sequence[int] | np.ndarray], hint: str) -> Parts:
     """Sort each client's indices; reject empty clients; assert disjointness."""
     out = [sorted(int(i) for i in p) for p in parts]
     empty = [c for c, p in enumerate(out) if not p]
@@ -161,7 +161,7 @@ class Dirichlet:
             return _finish(parts, "raise partition.samples_per_client")
         by_value = [np.flatnonzero(codes == v) for v in range(int(codes.max()) + 1)]
         for _ in range(self.max_tries):
-            parts: Parts = [[] for _ in range(num_clients)]
+            parts = [[] for _ in range(num_clients)]
             for idx in by_value:
                 idx = rng.permutation(idx)
                 cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, self.alpha))) * len(idx)).astype(int)

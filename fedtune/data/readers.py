@@ -28,7 +28,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedtune.errors import ConfigError
 
@@ -238,7 +238,7 @@ def _refuse_duplicates(names: list[str], *, where: str) -> None:
 
 def _delimited_reader(f: Any, *, tsv: bool) -> Any:
     # strict: an unclosed quote is an error at EOF, not a silent swallow of every later row
-    quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long documents are fine
     return csv.reader(f, delimiter="\t" if tsv else ",", quoting=quoting, strict=True)
 

@@ -156,9 +156,11 @@ def banking77(
     for split, table in tables.items():
         label_col = "label" if "label" in table.columns else "category"  # hub | local csv
         _require({split: table}, "text", label_col, why="data=banking77")
-        mapped[split] = table.map(
-            lambda r, c=label_col: [{"text": _text(r, "text"), "label": _label_key(r, c)}]
-        )
+
+        def row_fn(r: Row, c: str = label_col) -> list[Example]:
+            return [{"text": _text(r, "text"), "label": _label_key(r, c)}]
+
+        mapped[split] = table.map(row_fn)
     train_label = "label" if "label" in tables["train"].columns else "category"
     return _finish(mapped, tables, task="classify", info=info, label_what=f"column {train_label!r}")
 
@@ -297,7 +299,7 @@ def files(
     used = set(wanted.values()) | _ALL_SCHEMA_COLUMNS
 
     def row_fn(row: Row) -> list[Example]:
-        ex = {
+        ex: Example = {
             k: v for k, v in row.items() if k not in used and (v is None or isinstance(v, (str, int, float)))
         }
         for key, col in wanted.items():

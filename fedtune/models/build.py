@@ -34,7 +34,8 @@ def tiny_llama(
     A causal LM, or with ``num_labels`` a sequence classifier (``score`` head on the last token);
     ``quant`` (the quant node) quantizes its linear layers after the random init.
     """
-    config = LlamaConfig(
+    # num_labels is a PreTrainedConfig property passed through **kwargs; the dataclass signature lacks it
+    config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
@@ -69,7 +70,7 @@ def tiny_gpt2(
     Its attention and MLP layers are ``Conv1D`` (weights stored in x out), the layout LoRA must
     be told about with ``fan_in_fan_out``; it exists so that path is exercised without the hub.
     """
-    config = GPT2Config(
+    config = GPT2Config(  # type: ignore[call-arg]  # num_labels: as in tiny_llama
         vocab_size=len(tokenizer),
         n_embd=hidden_size,
         n_layer=num_layers,

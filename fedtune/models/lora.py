@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -44,7 +45,7 @@ def apply_lora(
     to_save = lora_cfg.modules_to_save if lora_cfg.modules_to_save is not None else (default_modules_to_save or [])
     config = LoraConfig(
         r=int(lora_cfg.r),
-        lora_alpha=float(lora_cfg.alpha),
+        lora_alpha=float(lora_cfg.alpha),  # type: ignore[arg-type]  # peft says int; alpha / r takes a float
         lora_dropout=float(lora_cfg.dropout),
         target_modules=targets_arg,
         modules_to_save=list(to_save) or None,
@@ -73,7 +74,8 @@ def get_trainable_state(model: torch.nn.Module) -> State:
 def set_trainable_state(model: torch.nn.Module, state: State) -> None:
     """Load ``state`` into the live model; any unexpected or missing trainable key raises."""
     if isinstance(model, PeftModel):
-        result = set_peft_model_state_dict(model, state)
+        # peft annotates the return as `namedtuple` (not a type); it is torch's _IncompatibleKeys
+        result: Any = set_peft_model_state_dict(model, state)
         if result.unexpected_keys:
             raise KeyError(f"trainable state has keys the model does not: {sorted(result.unexpected_keys)[:5]}")
         expected = get_peft_model_state_dict(model, save_embedding_layers=False).keys()

@@ -227,7 +227,8 @@ def _convert_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizer
     # The weights are plain fp32 now: saved with the GGUF marker, a reload would look for the GGUF.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    # transformers sets hf_quantizer at load, undeclared; nn.Module types such attributes Tensor | Module
+    model.hf_quantizer = None  # type: ignore[assignment]
     return model, tokenizer
 
 

@@ -14,7 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from transformers import PreTrainedModel
@@ -31,7 +31,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 LOAD_IN = (None, "8bit", "4bit")
 
 
-def is_quantized(quant: Mapping[str, Any] | None) -> bool:
+def is_quantized(quant: Mapping[str, Any] | None) -> TypeGuard[Mapping[str, Any]]:
     """Whether ``quant`` asks for quantized base weights (``None`` / ``load_in: null`` do not)."""
     return quant is not None and quant.get("load_in") is not None
 

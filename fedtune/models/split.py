@@ -14,6 +14,7 @@ can be sent back to the side that owns the weight) rather than on the client's e
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +25,17 @@ from fedtune.errors import ConfigError
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
-def base_of(model: torch.nn.Module) -> torch.nn.Module:
+# base_of and decoder_of return Any: their callers use the transformers modules' own attributes
+# (lm_head, score, config, loss_function, layers ...), which nn.Module.__getattr__ types as Tensor | Module.
+
+
+def base_of(model: torch.nn.Module) -> Any:
     """The transformers model under a peft wrapper (``LlamaForCausalLM`` / ``...ForSequenceClassification``)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    # get_base_model is a peft method; nn.Module types unknown attributes as Tensor | Module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
 
 
-def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+def decoder_of(model: torch.nn.Module) -> Any:
     """The decoder stack (``LlamaModel``: embed_tokens, layers, norm, rotary_emb), or a ConfigError."""
     decoder = getattr(base_of(model), "model", None)
     if decoder is None or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
@@ -54,13 +60,13 @@ def tied_head(model: torch.nn.Module) -> torch.nn.Parameter | None:
     """The trainable weight shared by the input embeddings and the LM head, if the model ties them."""
     head = getattr(base_of(model), "lm_head", None)
     weight = getattr(head, "weight", None)
-    embed = decoder_of(model).embed_tokens.weight
+    embed: torch.nn.Parameter = decoder_of(model).embed_tokens.weight
     if weight is embed and embed.requires_grad and type(head) is torch.nn.Linear:
         return embed
     return None
 
 
-def _context(decoder: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor):
+def _context(decoder: Any, hidden: torch.Tensor, attention_mask: torch.Tensor):
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
                               past_key_values=None, position_ids=position_ids)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from fedtune.report.runs import Agg
 
@@ -34,7 +34,7 @@ def _claim(key: str, names: list[str], judge: Callable[[list[float]], tuple[bool
         missing = [a for a, v in zip(names, values) if v is None]
         if missing:
             return "not measured", "missing: " + ", ".join(missing)
-        holds, ours = judge(values)
+        holds, ours = judge(cast("list[float]", values))  # none missing: every mean is a float
         return ("agrees" if holds else "disagrees"), ours
     return check
 

@@ -40,13 +40,13 @@ def paper_figures(name: str, spec: dict[str, Any], runs: list[Run], order: list[
     files.append(_save(fig, out / f"{name}_curves.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
-    points = []  # main arms, and sweep points trained as long as they were (a 1-round sweep is no quality point)
+    means = []  # main arms, and sweep points trained as long as they were (a 1-round sweep is no quality point)
     main_rounds = {r.config.get("num_rounds") for rs in main.values() for r in rs}
     for variant in sorted({r.variant for r in runs if r.config.get("num_rounds") in main_rounds}):
         agg = aggregate([r for r in runs if r.variant == variant])
-        points.append((variant, agg["total_mb"].mean, agg[qkey].mean))
-    floor = min((x for _, x, _ in points if x > 0), default=1.0) / 10  # 0-byte baselines sit at the left edge
-    points = [(label, max(x, floor), y, x == 0) for label, x, y in points if not math.isnan(y)]
+        means.append((variant, agg["total_mb"].mean, agg[qkey].mean))
+    floor = min((x for _, x, _ in means if x > 0), default=1.0) / 10  # 0-byte baselines sit at the left edge
+    points = [(label, max(x, floor), y, x == 0) for label, x, y in means if not math.isnan(y)]
     for label, x, y, zero in points:
         ax.scatter(x, y, s=18)
         ax.annotate(label + (" (0 B)" if zero else ""), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")

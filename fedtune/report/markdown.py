@@ -14,7 +14,7 @@ from fedtune.report.runs import Agg, Run, aggregate, load_runs
 def _setup_line(runs: list[Run]) -> str:
     cfg = runs[0].config
     seeds = sorted({r.seed for r in runs})
-    per_arm = {}  # FedCyBGD runs num_clients x the rounds of the FedAvg arms: say so
+    per_arm: dict[int, set[str]] = {}  # FedCyBGD runs num_clients x the rounds of the FedAvg arms: say so
     for r in runs:
         per_arm.setdefault(int(r.config.get("num_rounds", 0)), set()).add(r.arm)
     rounds = (" / ".join(f"{n} ({', '.join(sorted(arms))})" for n, arms in sorted(per_arm.items()))

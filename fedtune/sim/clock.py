@@ -85,5 +85,6 @@ def client_time(
     if server_flops:
         t += server_flops / (server_flops_per_s or flops_per_s)
     if profile.up_bps is not None:
+        assert profile.down_bps is not None  # client_profiles sets both links or neither
         t += up_bytes / profile.up_bps + down_bytes / profile.down_bps + round_trips * 2 * profile.latency_s
     return t

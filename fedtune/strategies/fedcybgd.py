@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def _layers_as(model: torch.nn.Module, layers_path: str, layers: torch.nn.ModuleList) -> Iterator[None]:
+def _layers_as(model: torch.nn.Module, layers_path: str, layers: torch.nn.Module) -> Iterator[None]:
     """Within the block, the model's decoder-layer list is ``layers``; what it was is put back on exit."""
     parent_path, _, attr = layers_path.rpartition(".")
     parent = model.get_submodule(parent_path)

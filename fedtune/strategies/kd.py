@@ -21,7 +21,7 @@ across rounds (only knowledge travels); the evaluated model is the server's dist
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -210,7 +210,9 @@ class KD(Strategy):
         replies = list(messages.values())
         weights = client_weights([m.meta["num_examples"] for m in replies], weighting=self.weighting)
         total = sum(weights)
-        self.teacher = sum(self._probs(m.tensors) * (w / total) for m, w in zip(replies, weights))
+        # a sum over >= 1 replies: 0 + a tensor is a tensor
+        self.teacher = cast(torch.Tensor,
+                            sum(self._probs(m.tensors) * (w / total) for m, w in zip(replies, weights)))
         return {"train/server_kd_loss": self._distill(round_idx)} if self.server_kd_steps else {}
 
     def _distill(self, round_idx: int) -> float:

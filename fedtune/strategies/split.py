@@ -113,8 +113,10 @@ class Split(Strategy):
             loss = server_forward(model, received, up.tensors["attention_mask"].to(rt.device),
                                   up.tensors["labels"].to(rt.device), k, head_weight=head)
             server.step(server_opt, loss, server_params)
+            assert received.grad is not None  # server.step ran loss.backward() through the received tensor
             back = {"grad": received.grad}
             if head is not None:
+                assert head.grad is not None  # the LM head ran with it (server_forward's head_weight)
                 back["head_grad"] = head.grad
             down = client.channel.send(Message(tensors=back, meta={"loss": loss.item()}), round_idx=client.round_idx,
                                        client_id=client.client_id, direction="down", kind="gradients")

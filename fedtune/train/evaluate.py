@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,8 @@ def generate(
         for row, s in enumerate(seqs):
             ids[row, width - len(s) :] = torch.tensor(s)
             mask[row, width - len(s) :] = 1
-        out = model.generate(
+        # generate is a transformers/peft method; nn.Module types unknown attributes as Tensor | Module
+        out = model.generate(  # type: ignore[operator]
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
@@ -83,7 +84,10 @@ def _normalize(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
     For matching generated label names only: BLEU references stay raw text (a reference passed through
     a word-level tokenizer loses its out-of-vocabulary words, which inflates BLEU).
     """
-    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True).strip()
+    # decode of one sequence is a str (transformers annotates str | list[str] for batches too)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded = cast(str, tokenizer.decode(ids, skip_special_tokens=True))
+    return decoded.strip()
 
 
 def bleu_reference(tokenizer: PreTrainedTokenizerBase, text: str) -> str:

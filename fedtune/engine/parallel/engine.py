@@ -43,7 +43,8 @@ def assign_clients(sizes: dict[int, int], num_workers: int) -> list[list[int]]:
     Each worker's list keeps the order of ``sizes`` (the round's order).
     """
     order = {cid: i for i, cid in enumerate(sizes)}
-    loads, plan = [0] * num_workers, [[] for _ in range(num_workers)]
+    loads = [0] * num_workers
+    plan: list[list[int]] = [[] for _ in range(num_workers)]
     for cid in sorted(sizes, key=lambda c: (-sizes[c], order[c])):
         w = min(range(num_workers), key=lambda i: (loads[i], i))
         loads[w] += sizes[cid]

@@ -75,7 +75,7 @@ def _without_main() -> Iterator[None]:
         multiprocessing.spawn.get_preparation_data = original
 
 
-def forkserver() -> multiprocessing.context.BaseContext:
+def forkserver() -> multiprocessing.context.ForkServerContext:
     """The forkserver context, its server started (it imports fedtune once, in the background)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["fedtune.world", "fedtune.engine.parallel"])
