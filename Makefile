@@ -35,8 +35,13 @@ test: install ## run the test suite (fast tests; `make test-slow` adds the slow 
 test-slow: install ## run every test, slow ones included
 	$(BIN)/pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
-lint: install ## ruff lint
+lint: install ## ruff, the import-layer contracts (lint-imports, pyproject [tool.importlinter]) and mypy on fedtune/
 	$(BIN)/ruff check fedtune tests scripts
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
+
+hooks: install ## install the git pre-commit hooks (.pre-commit-config.yaml: ruff, lint-imports)
+	$(BIN)/pre-commit install
 
 bench-overhead: install ## fedtune round loop vs a plain PyTorch loop on the same batches (ratio, median of 3)
 	$(BIN)/python scripts/bench_overhead.py
@@ -106,6 +111,6 @@ replicate-smoke: replicate-gradualdiff-smoke replicate-comparison-smoke replicat
 clean: ## remove the venv and run outputs
 	rm -rf $(VENV) outputs/runs outputs/multiruns
 
-.PHONY: help install run test test-slow lint bench-overhead mutation-check clean replicate-smoke \
+.PHONY: help install run test test-slow lint hooks bench-overhead mutation-check clean replicate-smoke \
 	replicate-gradualdiff replicate-gradualdiff-smoke replicate-comparison replicate-comparison-smoke \
 	replicate-fedcybgd replicate-fedcybgd-smoke

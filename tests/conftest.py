@@ -42,3 +42,16 @@ def run_fedtune(tmp_path):
         return run(cfg, out_dir=out), out
 
     return _run
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need a CUDA device: skipped (with the reason) where none is visible."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")
+        for item in gpu:
+            item.add_marker(skip)

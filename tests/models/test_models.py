@@ -25,7 +25,7 @@ from fedtune.models import pretrained  # noqa: E402
 from fedtune.models.lora import apply_lora, count_parameters, get_trainable_state  # noqa: E402
 from fedtune.models.quant import base_bytes  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "rain falls on the town"]
 LORA = OmegaConf.create({"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0,
                          "target_modules": None, "modules_to_save": None})

@@ -14,7 +14,7 @@ from fedtune.data.partition import IID, Dirichlet, Natural, Quantity, Shards
 from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
 from fedtune.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "partition"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "partition"
 
 
 def classify(num_labels: int = 10, per_label: int = 60) -> list[dict]:

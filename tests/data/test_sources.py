@@ -18,7 +18,7 @@ from fedtune.errors import ConfigError
 os.environ["HF_HUB_OFFLINE"] = "1"  # no hub here: a hub load must fail fast, never hang
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"real data folder {SHARED} is absent")
 

@@ -17,7 +17,7 @@ from fedtune.data.tasks import corpus, prepare
 from fedtune.models.tokenizer import word_level
 from fedtune.train import evaluate as ev
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 REAL = {
     "banking77": SHARED / "banking77",

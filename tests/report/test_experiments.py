@@ -18,10 +18,10 @@ from conftest import SHARED_DATA, read_metrics
 from fedtune.config import CONF_DIR, compose_config
 from fedtune.report import PAPERS, Agg, load_runs, report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 DATA_PATHS = {"counsel_chat": "counsel_chat", "banking77": "banking77", "sst2": "glue/SST-2"}
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "replication_comparison"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "replication_comparison"
 # One tiny round: the experiment's groups and settings stay, sizes shrink.
 TINY = ["model=tiny", "logger=none", "num_rounds=1", "local.max_steps=2", "local.batch_size=4", "local.max_seq_len=48",
         "data.max_train_samples=60", "data.max_eval_samples=8", "eval.bleu_samples=2", "eval.max_new_tokens=4",

@@ -19,7 +19,7 @@ from fedtune.data.schema import Splits
 from fedtune.errors import ConfigError
 from fedtune.train.evaluate import below_majority, majority_accuracy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A CoLA-shaped file: source, label, original mark, sentence; no header row (GLUE's train.tsv / dev.tsv).
 COLA_TRAIN = "gj04\t1\t\tOur friends won't buy this analysis.\ngj04\t0\t*\tThey drank the pub.\n" \
