@@ -79,6 +79,10 @@ def build_world(cfg: DictConfig, *, device: torch.device) -> World:
         default_modules_to_save=cfg.model.get("lora_modules_to_save"), fan_in_fan_out=cfg.model.fan_in_fan_out,
         task_type="SEQ_CLS" if task.num_labels else "CAUSAL_LM",
     ).to(device)
+    # Training and scoring forwards build no KV cache (a training forward used to fill one it never
+    # read); generation asks for one explicitly (fedtune.train.evaluate.generate).
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
     parts = build(cfg.partition)(splits.train, num_clients=cfg.num_clients, seed=cfg.seed)
     world = World(splits=splits, tokenizer=tokenizer, task=task, model=model, parts=parts, device=device,
                   strategy=strategy, cfg=cfg)

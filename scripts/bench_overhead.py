@@ -1,12 +1,25 @@
+# ruff: noqa: T201  (a command-line benchmark)
 """fedtune's round loop vs a plain PyTorch loop training the same steps on the same batches.
 
-    python scripts/bench_overhead.py [--rounds 5] [--clients 3] [--steps 30] [--repeats 3] [override ...]
+    python scripts/bench_overhead.py                               # 3, 10, 30, 100 clients; both engines
+    python scripts/bench_overhead.py --clients 30 --engines sequential --repeats 3
+    python scripts/bench_overhead.py --clients 10 -- lora.r=16     # extra overrides after --
 
-The plain loop is the physical limit on this machine: one model, one AdamW, forward/backward/step
-over exactly the batches fedtune's clients train on, nothing else. fedtune's time is the sum of
-its rounds' wall time minus evaluation (which the plain loop does not do): sampling, broadcast,
-channel (serialize + count + decode) both ways, adapter swaps, local training, aggregation and
-logging. Prints the ratio, median of ``--repeats``.
+Each configuration runs as separate processes, interleaved repeat by repeat (fedtune, plain, fedtune,
+plain ...), so both see the same machine state:
+
+- fedtune: ``python -m fedtune <overrides>``; per-round wall time is ``time/round_s - time/eval_s``
+  from its metrics.jsonl (sampling, broadcast, channel both ways, adapter swaps, training, aggregation,
+  logging), and the whole process's wall time is measured from outside.
+- plain: ``python scripts/bench_overhead.py --plain <overrides>`` builds the same model and data
+  (fedtune's world: same seeds, same shards), collates the very batches fedtune's clients draw (untimed),
+  then trains them with ONE AdamW, forward/backward/clip/step and nothing else, timing each round.
+  Under ``engine=parallel`` the plain loop is one process using every core (``threads`` = cores).
+
+Reported per configuration: the steady round (median of rounds 2..N; round 1 pays one-time costs) of
+fedtune / plain, and whole-process wall time fedtune / plain; each the median over repeats.
+The workload (issue 15): tiny Llama hidden 64 / 2 layers, LoRA r=8 on q_proj,v_proj only, batch 8,
+10 local steps per client, 5 rounds, FedAvg, no evaluation during rounds.
 """
 
 from __future__ import annotations
@@ -15,80 +28,128 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-
-import torch  # noqa: E402
-
-from fedtune.config import compose_config  # noqa: E402
-from fedtune.data.format import collate  # noqa: E402
-from fedtune.run import run  # noqa: E402
-from fedtune.seeding import Purpose, generator, sample_clients  # noqa: E402
-from fedtune.train.local import batch_order, plan_steps  # noqa: E402
-from fedtune.world import build_world, resolve_device  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOAD = [
+    "logger=none", "strategy=fedavg", "model.builder.hidden_size=64", "model.builder.num_layers=2",
+    "model.builder.num_heads=2", "model.builder.intermediate_size=128", "lora.target_modules=[q_proj,v_proj]",
+    "lora.modules_to_save=[]", "local.batch_size=8", "local.max_steps=10", "num_rounds=5", "eval.every=0",
+    "eval.bleu_samples=0", "eval.max_samples=8", "checkpoint.every=0",
+]
 
 
-def fedtune_seconds(overrides: list[str]) -> float:
-    out = Path(tempfile.mkdtemp()) / "run"
-    run(compose_config(overrides), out_dir=out)
+def overrides_for(clients: int, engine: str, extra: list[str]) -> list[str]:
+    cores = len(os.sched_getaffinity(0))
+    engine_args = (["engine=parallel", f"engine.workers={cores}", "engine.threads=1"] if engine == "parallel"
+                   else [f"engine={engine}"])
+    return [*WORKLOAD, f"num_clients={clients}", f"data.source.num_train={max(600, 40 * clients)}",
+            f"threads={cores}", *engine_args, *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+            "PYTHONPATH": str(ROOT)}
+
+
+def fedtune_process(overrides: list[str]) -> tuple[list[float], float]:
+    out = Path(tempfile.mkdtemp(prefix="bench-overhead-")) / "run"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fedtune", *overrides, f"output_dir={out}"], env=_env(), check=True,
+                   capture_output=True, cwd=ROOT)
+    wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return sum(r["time/round_s"] - r["time/eval_s"] for r in rows)
+    return [r["time/round_s"] - r["time/eval_s"] for r in rows], wall
 
 
-def plain_seconds(overrides: list[str]) -> float:
-    cfg = compose_config(overrides)
+def plain_process(overrides: list[str]) -> tuple[list[float], float]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--plain", "--", *overrides], env=_env(), check=True,
+                          capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    return json.loads(proc.stdout.strip().splitlines()[-1])["rounds"], wall
+
+
+def plain(overrides: list[str]) -> None:
+    """The plain loop (child process): same world, same batches, one AdamW; prints per-round seconds."""
+    import torch
+
+    from fedtune.config import compose_config
+    from fedtune.data.format import collate
+    from fedtune.seeding import Purpose, generator, sample_clients
+    from fedtune.train.local import batch_order, plan_steps
+    from fedtune.world import build_world, resolve_device
+
+    cfg = compose_config([o for o in overrides if not o.startswith("engine")])
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
     world = build_world(cfg, device=resolve_device(str(cfg.device)))
     model, data, shards, pad = world.model, world.task.train, world.shards, world.tokenizer.pad_token_id
-    # The same batches fedtune's clients draw: same shards, same per-(seed, round, client) shuffles.
-    batches = []
-    for round_idx in range(cfg.num_rounds):
+    rounds = []
+    for round_idx in range(cfg.num_rounds):  # the same batches fedtune's clients draw
         ids = sample_clients(seed=cfg.seed, round_idx=round_idx, num_clients=cfg.num_clients,
                              clients_per_round=cfg.clients_per_round or cfg.num_clients)
+        batches = []
         for cid in ids:
             steps = plan_steps(len(shards[cid]), batch_size=cfg.local.batch_size, epochs=cfg.local.epochs,
                                max_steps=cfg.local.max_steps)
             gen = generator(cfg.seed, round_idx, cid, Purpose.TRAIN)
             batches += [collate(data, b, pad_id=pad) for b in
                         batch_order(shards[cid], batch_size=cfg.local.batch_size, num_steps=steps, generator=gen)]
+        rounds.append(batches)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.local.lr)
     model.train()
-    start = time.perf_counter()
-    for batch in batches:
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.local.grad_clip)
-        optimizer.step()
-        loss.item()
-    return time.perf_counter() - start
+    seconds = []
+    for batches in rounds:
+        start = time.perf_counter()
+        for batch in batches:
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.local.grad_clip)
+            optimizer.step()
+            loss.item()
+        seconds.append(time.perf_counter() - start)
+    print(json.dumps({"rounds": seconds}))
+
+
+def steady(rounds: list[float]) -> float:
+    return statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--clients", default="3,10,30,100", help="comma-separated client counts")
+    parser.add_argument("--engines", default="sequential,parallel", help="comma-separated engines")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("extra", nargs="*", help="more overrides (after --)")
     args = parser.parse_args()
-    overrides = [
-        "logger=none", "strategy=fedavg", f"num_rounds={args.rounds}", f"num_clients={args.clients}",
-        f"local.max_steps={args.steps}", "eval.every=0", "eval.bleu_samples=0", "eval.max_samples=8",
-        *args.overrides,
-    ]
-    ratios = []
-    for i in range(args.repeats):
-        f, p = fedtune_seconds(overrides), plain_seconds(overrides)
-        ratios.append(f / p)
-        sys.stdout.write(f"repeat {i}: fedtune {f:.3f}s  plain {p:.3f}s  ratio {f / p:.3f}\n")
-    sys.stdout.write(f"overrides: {' '.join(overrides)}\n")
-    sys.stdout.write(f"overhead ratio (median of {args.repeats}): {statistics.median(ratios):.3f}\n")
+    if args.plain:
+        plain(args.extra)
+        return
+    print("| clients | engine | steady round: fedtune / plain (s) | ratio | process: fedtune / plain (s) | ratio |")
+    print("|---:|---|---|---:|---|---:|")
+    for clients in [int(c) for c in args.clients.split(",")]:
+        for engine in args.engines.split(","):
+            overrides = overrides_for(clients, engine, args.extra)
+            runs = []
+            for _ in range(args.repeats):  # interleaved: fedtune, plain, fedtune, plain ...
+                runs.append((fedtune_process(overrides), plain_process(overrides)))
+            f_round = statistics.median(steady(f[0]) for f, _ in runs)
+            p_round = statistics.median(steady(p[0]) for _, p in runs)
+            round_ratio = statistics.median(steady(f[0]) / steady(p[0]) for f, p in runs)
+            f_wall = statistics.median(f[1] for f, _ in runs)
+            p_wall = statistics.median(p[1] for _, p in runs)
+            wall_ratio = statistics.median(f[1] / p[1] for f, p in runs)
+            print(f"| {clients} | {engine} | {f_round:.3f} / {p_round:.3f} | {round_ratio:.2f}x | "
+                  f"{f_wall:.1f} / {p_wall:.1f} | {wall_ratio:.2f}x |", flush=True)
+    print(f"\nworkload: {' '.join(WORKLOAD)}; {args.repeats} interleaved repeats, medians")
 
 
 if __name__ == "__main__":

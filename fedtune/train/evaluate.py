@@ -71,6 +71,7 @@ def generate(
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            use_cache=True,  # the model's config says False: training forwards need no cache
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
         )
