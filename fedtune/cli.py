@@ -343,10 +343,6 @@ def main() -> None:
     except OSError as err:  # the output folder cannot be made
         sys.stderr.write(f"fedtune: error: {os_error_line(err, Path('outputs'), running=False)}\n")
         sys.exit(2)
-    if "engine=parallel" in sys.argv[1:]:  # start the worker forkserver while Hydra composes
-        from fedtune.engine.parallel import prestart
-
-        prestart()
     import hydra
 
     try:

@@ -104,7 +104,7 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
     sinks, start_info, majority, media = _open_run_files(cfg, world, out_dir, resume=resume)
     try:
         _attach_logger(cfg, sinks, progress, out_dir, job_name=job_name, start_info=start_info, media=media)
-        engine.start(runtime, cfg)
+        engine.start(runtime, cfg, strategy)
         round_idx = progress.next_round
         for round_idx in range(progress.next_round, cfg.num_rounds):
             round_start = time.perf_counter()

@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     PYTEST_EXTRA[:] = [a for node in args.deselect for a in ("--deselect", node)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up (restore, kill, rmtree)
+    # Started as a shell background job, this process (and every test's subprocess) would ignore SIGINT;
+    # a handler here makes exec'd children start with the default again (Ctrl-C tests rely on it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     mutations = load_mutations(args.config)
     if args.only:

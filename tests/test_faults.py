@@ -86,7 +86,10 @@ def test_ctrl_c_is_one_line_exit_130_and_resumable(tmp_path, reference):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, "-m", "fedtune", *overrides, f"output_dir={out}",
                              f"hydra.run.dir={tmp_path / 'hydra'}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job (`cmd &`, e.g. `make mutation-check &`) starts with
+                            # SIGINT ignored, and children inherit that: give the run the default, as a terminal does
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline:  # one round logged and checkpointed -> the second is running
         if (out / "checkpoint" / "latest").exists():

@@ -16,7 +16,7 @@ class SequentialEngine:
     def __init__(self) -> None:
         self.runtime: ClientRuntime | None = None
 
-    def start(self, runtime: ClientRuntime, cfg: DictConfig | None = None) -> None:
+    def start(self, runtime: ClientRuntime, cfg: DictConfig | None = None, strategy: Updater | None = None) -> None:
         self.runtime = runtime
 
     def run_round(self, strategy: Updater, *, round_idx: int,

@@ -1,7 +1,6 @@
 """The parallel engine: same metrics and bytes as sequential; a worker's failure stops the run at once.
 
-Workers are real processes (2 on CPU). The first parallel run pays the forkserver's one import of
-fedtune (~8 s); the later ones fork from it.
+Workers are real processes (2 on CPU), forked from the test process once its world is built.
 """
 
 import socket
@@ -23,12 +22,12 @@ NOT_COMPARED = ("time/", "mem/process_rss_bytes")
 
 
 def _worker_processes() -> list[psutil.Process]:
-    """Live CPU workers: the forkserver's children (the forkserver itself stays up for the next run)."""
+    """Live CPU workers: this process's children forked by the engine (not zombies, not helpers)."""
     found = []
     for child in psutil.Process().children():
         try:
-            if "forkserver" in " ".join(child.cmdline()):
-                found += [c for c in child.children() if c.status() != psutil.STATUS_ZOMBIE]
+            if child.status() != psutil.STATUS_ZOMBIE and "multiprocessing" not in " ".join(child.cmdline()):
+                found.append(child)
         except psutil.NoSuchProcess:
             pass
     return found

@@ -1,8 +1,10 @@
 """The parallel engine: worker processes, one per device, each with ONE resident base model.
 
 Rank 0 runs the round loop (``run.py``) and keeps its own model for evaluation only. Ranks 1..N are
-workers: each builds the same world from the config once (every draw is seeded from the config;
-checked at start-up), then serves rounds. Rank 0 sends each worker its share of the round's
+workers: on CPU each is forked from rank 0 once rank 0 has built its world (nothing imported or built
+again; the base model's pages shared copy-on-write); on CUDA or under torchrun each builds the same
+world from the config (every draw is seeded from the config; checked at start-up). Then they serve
+rounds. Rank 0 sends each worker its share of the round's
 clients (balanced by shard size) with their messages and client-store entries; the worker runs
 them back to back and returns, per client, the result, the updated store entry and the channel
 records of traffic *during* the update (split learning's activations). Rank 0 writes those into its
@@ -14,7 +16,7 @@ process waits blindly: a worker that raises stops the run with its own message, 
 stops it at once, one that hangs stops it after ``timeout_s``.
 
 One node: ``fedtune engine=parallel engine.workers=2`` starts the workers itself (CPU: forked from
-a forkserver that imported fedtune once; CUDA: spawned, worker i on cuda:i-1), tcp on 127.0.0.1.
+rank 0 after its world is built; CUDA: spawned, worker i on cuda:i-1), tcp on 127.0.0.1.
 
 Several nodes: the same command on every node under torchrun,
 
@@ -29,8 +31,7 @@ reuses the same workers job after job.
 """
 
 from fedtune.engine.parallel.engine import ParallelEngine, assign_clients
-from fedtune.engine.parallel.process import prestart, under_torchrun
+from fedtune.engine.parallel.process import under_torchrun
 from fedtune.engine.parallel.worker import serve_spawned_worker, serve_torchrun_worker
 
-__all__ = ["ParallelEngine", "assign_clients", "prestart", "serve_spawned_worker", "serve_torchrun_worker",
-           "under_torchrun"]
+__all__ = ["ParallelEngine", "assign_clients", "serve_spawned_worker", "serve_torchrun_worker", "under_torchrun"]

@@ -19,14 +19,13 @@ from fedtune.comm.channel import Message
 from fedtune.engine.parallel.messages import ClientJob, Failed, Hello, Ready, Results, Round, Stop
 from fedtune.engine.parallel.process import (
     cores,
-    prestart,
     reap,
     release_torchrun_workers,
     spawn,
     under_torchrun,
 )
 from fedtune.engine.parallel.transport import FOREVER, calls, recv_obj, send_obj, to_cpu
-from fedtune.engine.parallel.worker import fingerprint, same_world, serve_spawned_worker
+from fedtune.engine.parallel.worker import fingerprint, inherit, same_world, serve_spawned_worker
 from fedtune.errors import ConfigError, WorkerError
 
 if TYPE_CHECKING:  # (peft and transformers load with these: importing this module stays light)
@@ -80,13 +79,17 @@ class ParallelEngine:
         self.ranks: list[int] = []
         self._procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self._failed = False
-        prestart()  # (if nobody did earlier) the workers' imports overlap rank 0's set-up from here on
 
-    def start(self, runtime: ClientRuntime, cfg: DictConfig) -> None:
-        """Start (or, under torchrun, join) the workers; returns once each has built its world."""
+    def start(self, runtime: ClientRuntime, cfg: DictConfig, strategy: Updater | None = None) -> None:
+        """Start (or, under torchrun, join) the workers; returns once each has its world.
+
+        CPU workers are forked from this process now, after its world is built: they inherit
+        ``runtime`` and ``strategy`` (its client side). CUDA and torchrun workers build their own.
+        """
         from fedtune.config import to_container
 
         self.runtime = runtime
+        inherit(runtime, strategy)
         cuda = runtime.device.type == "cuda"
         if _server_in_the_loop(cfg) and not under_torchrun():  # (torchrun's ranks still join, then idle)
             log.warning("engine=parallel: strategy %s runs its clients in the server process (the server "

@@ -1,17 +1,15 @@
-"""Worker processes: start them (forkserver on CPU, spawn on CUDA), stop them, and torchrun's ranks."""
+"""Worker processes: start them (forked from rank 0 on CPU, spawned on CUDA), stop them, and torchrun's ranks."""
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import multiprocessing.forkserver
 import multiprocessing.spawn
 import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from fedtune.engine.parallel.messages import Exit
@@ -27,25 +25,16 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def prestart() -> None:
-    """Start the CPU workers' forkserver now: it imports fedtune in the background, once.
-
-    Call it as early as possible in a process that will run ``engine=parallel`` on CPU (the CLI does,
-    before its own imports) so the workers' start-up overlaps rank 0's. Idempotent; no-op on GPUs.
-    """
-    if not under_torchrun() and not torch.cuda.is_available():
-        forkserver()
-
-
 def spawn(target: Callable[[int, int, int], None], rank: int, world_size: int, port: int, *, cuda: bool
           ) -> multiprocessing.process.BaseProcess:
     """A worker process with rank 0's import path and working directory.
 
-    On CPU, workers fork from a forkserver that imported fedtune once, so N workers do not pay
-    N parallel imports (seconds each). CUDA workers are spawned fresh: a process that touched
-    CUDA (importing bitsandbytes may) cannot be forked safely.
+    On CPU, workers fork from rank 0 after it has built its world: they import nothing and build
+    nothing, and share the resident model's pages copy-on-write (only what a worker writes, the
+    trainable tensors and activations, becomes its own). CUDA workers are spawned fresh: a process
+    that touched CUDA cannot be forked safely; they build their world from the config.
     """
-    ctx = multiprocessing.get_context("spawn") if cuda else forkserver()
+    ctx = multiprocessing.get_context("spawn") if cuda else multiprocessing.get_context("fork")
     proc = ctx.Process(target=target, args=(rank, world_size, port), name=f"fedtune-worker-{rank}")
     with _without_main():
         proc.start()
@@ -73,14 +62,6 @@ def _without_main() -> Iterator[None]:
         yield
     finally:
         multiprocessing.spawn.get_preparation_data = original
-
-
-def forkserver() -> multiprocessing.context.ForkServerContext:
-    """The forkserver context, its server started (it imports fedtune once, in the background)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["fedtune.world", "fedtune.engine.parallel"])
-    multiprocessing.forkserver.ensure_running()
-    return ctx
 
 
 def reap(procs: dict[int, multiprocessing.process.BaseProcess], *, grace_s: float) -> None:

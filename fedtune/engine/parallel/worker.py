@@ -33,10 +33,20 @@ from fedtune.engine.parallel.transport import FOREVER, calls, recv_obj, send_obj
 from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fedtune.client.runtime import ClientRuntime
-    from fedtune.strategies.base import Strategy
+    from fedtune.client.runtime import ClientRuntime, Updater
 
 log = logging.getLogger(__name__)
+
+# Rank 0's runtime and strategy, set just before it forks its CPU workers: a forked worker inherits
+# them (the resident model's pages are shared copy-on-write: nothing is imported or built again).
+# None in spawned (CUDA) and torchrun workers, which build their own world from the config.
+INHERITED: tuple[ClientRuntime, Updater] | None = None
+
+
+def inherit(runtime: ClientRuntime, strategy: Updater | None) -> None:
+    """What CPU workers forked from now on take as their world (None: they build their own)."""
+    global INHERITED
+    INHERITED = (runtime, strategy) if strategy is not None else None
 
 
 def fingerprint(shards: dict[int, list[int]], model: torch.nn.Module) -> dict[str, Any]:
@@ -55,13 +65,14 @@ def same_world(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def serve_spawned_worker(rank: int, world_size: int, port: int) -> None:
-    """Body of a worker process that :class:`ParallelEngine` started on this node."""
+    """Body of a worker process that :class:`ParallelEngine` started on this node (forked on CPU, spawned
+    on CUDA)."""
     store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=datetime.timedelta(seconds=600))
     store.set(f"fedtune/up/{rank}", "1")
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=FOREVER)
     parent = os.getppid()
 
-    def watch() -> None:  # rank 0 (or the forkserver) is gone: exit rather than wait forever
+    def watch() -> None:  # rank 0 is gone: exit rather than wait forever
         if os.getppid() != parent:
             os._exit(3)
 
@@ -87,7 +98,7 @@ def serve_torchrun_worker() -> int:
 
 
 def _serve(rank: int, watch: Callable[[], None], *, threads: int, local_rank: int) -> bool:
-    """One job: build the world from rank 0's config, then serve rounds until told to stop.
+    """One job: take the world (inherited, or built from rank 0's config), then serve rounds until told to stop.
 
     Returns True when rank 0 may send another job (sweeps under torchrun), False on :class:`Exit`.
     """
@@ -114,7 +125,9 @@ def _serve(rank: int, watch: Callable[[], None], *, threads: int, local_rank: in
     return isinstance(msg, Stop)
 
 
-def _build(hello: Hello, local_rank: int) -> tuple[ClientRuntime, Strategy]:
+def _build(hello: Hello, local_rank: int) -> tuple[ClientRuntime, Updater]:
+    if INHERITED is not None:  # forked from rank 0 after it built its world
+        return INHERITED
     from fedtune.world import build_world, client_runtime, make_channel
 
     cfg = OmegaConf.create(hello.cfg)
@@ -123,7 +136,7 @@ def _build(hello: Hello, local_rank: int) -> tuple[ClientRuntime, Strategy]:
     return client_runtime(cfg, world, store=ClientStore(), channel=make_channel(cfg)), world.strategy
 
 
-def _run_jobs(runtime: ClientRuntime | None, strategy: Strategy | None, rank: int, *, round_idx: int,
+def _run_jobs(runtime: ClientRuntime | None, strategy: Updater | None, rank: int, *, round_idx: int,
               jobs: list[ClientJob]) -> Results | Failed:
     """This worker's clients of the round, back to back."""
     done = []
