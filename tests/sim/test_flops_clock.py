@@ -8,28 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FAST, read_metrics
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import INTER, LAYERS, H, T, V
+from tiny_models import kd_with_teacher as _kd
+from tiny_models import one_shard_runtime as _runtime
+from tiny_models import tiny_llama as _llama
 
-from fedtune.client.runtime import ClientRuntime, LocalConfig
-from fedtune.client.store import ClientStore
-from fedtune.comm.channel import Channel
 from fedtune.config import compose_config
-from fedtune.data.format import Tokenized, collate
-from fedtune.models.lora import get_trainable_state
+from fedtune.data.format import collate
 from fedtune.seeding import Purpose, generator
 from fedtune.sim.clock import ClientProfile, client_time
-from fedtune.strategies.kd import KD
 from fedtune.train.local import batch_order, compute_params
 from fedtune.world import build_world
-
-V, H, INTER, LAYERS, T = 40, 16, 32, 2, 6
-
-
-def _llama(tied: bool):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=2,
-                                        num_key_value_heads=2, intermediate_size=INTER, tie_word_embeddings=tied))
-
 
 # per layer: q, k, v, o (H x H) + gate, up, down (H x INTER) + 2 RMSNorm weights; then the final norm and
 # the LM head (V x H, tied or not: a matmul for every token either way); the embedding is a lookup
@@ -41,29 +30,6 @@ def test_compute_params_by_hand(tied):
     model = _llama(tied)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     assert compute_params(model) == PARAMS
-
-
-def _rows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, V, (T,), generator=g) for _ in range(n)]  # one length: no padding
-
-
-def _runtime(model, steps):
-    ids = _rows(8, 1)
-    data = Tokenized(input_ids=ids, labels=[t.clone() for t in ids])
-    return ClientRuntime(model=model, data=data, shards={0: list(range(8))},
-                         local=LocalConfig(batch_size=4, lr=1e-2, max_steps=steps), store=ClientStore(),
-                         channel=Channel(), seed=0, pad_id=0, device=torch.device("cpu"))
-
-
-def _kd(model, **kwargs):
-    kd = KD(public_samples=4, server_kd_steps=0, **kwargs)
-    kd.setup(initial_state=get_trainable_state(model), num_clients=1)
-    ids = _rows(4, 2)
-    kd.public = Tokenized(input_ids=ids, labels=[t.clone() for t in ids])
-    g = torch.Generator().manual_seed(3)
-    kd.teacher = torch.softmax(torch.randn(4 * (T - 1), V, generator=g), dim=-1)  # one row per next-token position
-    return kd
 
 
 @pytest.mark.parametrize("tied", [True, False])

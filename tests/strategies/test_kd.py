@@ -87,10 +87,10 @@ def test_generation_logit_bytes_are_exact(run_fedtune, topk):
 
 
 def _tiny_kd(**kwargs):
-    from test_flops_clock import _kd, _llama, _runtime
+    from tiny_models import kd_with_teacher, one_shard_runtime, tiny_llama
 
-    model = _llama(False)
-    return model, _kd(model, **kwargs), _runtime
+    model = tiny_llama(False)
+    return model, kd_with_teacher(model, **kwargs), one_shard_runtime
 
 
 def _kl_to_teacher(kd, logits):
