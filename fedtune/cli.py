@@ -167,7 +167,8 @@ def _task(cfg: DictConfig) -> None:
     try:
         from fedtune.engine.parallel import under_torchrun
 
-        if under_torchrun() and cfg.engine._target_ != "fedtune.engine.parallel.ParallelEngine":
+        if under_torchrun() and cfg.engine._target_ not in ("fedtune.engine.parallel.ParallelEngine",
+                                                             "fedtune.engine.auto.auto_engine"):
             raise ConfigError(f"engine={hc.runtime.choices.get('engine')}: under torchrun use engine=parallel")
         if cfg.resume:
             cfg, out_dir = resumed_config(cfg, list(hc.overrides.task))

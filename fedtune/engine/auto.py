@@ -16,10 +16,10 @@ another job shares the cores, while 1-thread processes degrade gracefully). So:
 from __future__ import annotations
 
 import logging
-import os
 
 from fedtune.engine.parallel import ParallelEngine, under_torchrun
 from fedtune.engine.parallel.engine import AUTO_CPU_CAP
+from fedtune.engine.parallel.process import cores as available_cores
 from fedtune.engine.sequential import SequentialEngine
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def auto_engine(*, num_clients: int, clients_per_round: int | None, device: str,
             log.info("engine=auto: parallel, one worker per CUDA device (%d)", torch.cuda.device_count())
             return ParallelEngine()
         return SequentialEngine()
-    cores = threads if threads is not None else len(os.sched_getaffinity(0))
+    cores = threads if threads is not None else available_cores()
     workers = min(cores, clients, AUTO_CPU_CAP)
     if workers < 2 or server_in_the_loop:
         why = ("the server computes during every update" if server_in_the_loop

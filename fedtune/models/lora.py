@@ -62,10 +62,33 @@ def apply_lora(
         ) from None
 
 
+_LIVE = "_fedtune_adapter_parameters"  # the cache of _adapter_parameters, in the model's __dict__
+
+
+def _adapter_parameters(model: PeftModel) -> dict[str, torch.Tensor] | None:
+    """peft's adapter state-dict keys -> the live parameters those entries are views of (matched by
+    storage, shape and dtype), computed once per model: swapping a client's adapter in or out then
+    copies tensors, instead of walking the whole model's state dict twice per client. None if some
+    entry is not a view of a parameter (peft's own functions are used then)."""
+    cached = model.__dict__.get(_LIVE)
+    if cached is not None:
+        return cached or None
+    params = {(p.data_ptr(), tuple(p.shape), p.dtype): p for p in model.parameters()}
+    live: dict[str, torch.Tensor] = {}
+    for key, t in get_peft_model_state_dict(model, save_embedding_layers=False).items():
+        param = params.get((t.data_ptr(), tuple(t.shape), t.dtype))
+        if param is None:
+            model.__dict__[_LIVE] = {}
+            return None
+        live[key] = param
+    model.__dict__[_LIVE] = live
+    return live
+
+
 def get_trainable_state(model: torch.nn.Module) -> State:
     """A detached CPU copy of the trainable state (never an alias of live parameters)."""
     if isinstance(model, PeftModel):
-        live = get_peft_model_state_dict(model, save_embedding_layers=False)
+        live = _adapter_parameters(model) or get_peft_model_state_dict(model, save_embedding_layers=False)
     else:
         live = {name: p for name, p in model.named_parameters() if p.requires_grad}
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in live.items()}
@@ -73,6 +96,16 @@ def get_trainable_state(model: torch.nn.Module) -> State:
 
 def set_trainable_state(model: torch.nn.Module, state: State) -> None:
     """Load ``state`` into the live model; any unexpected or missing trainable key raises."""
+    if isinstance(model, PeftModel) and (adapter := _adapter_parameters(model)) is not None:
+        if adapter.keys() != state.keys():
+            extra, missing = set(state) - set(adapter), set(adapter) - set(state)
+            if extra:
+                raise KeyError(f"trainable state has keys the model does not: {sorted(extra)[:5]}")
+            raise KeyError(f"trainable state lacks adapter keys: {sorted(missing)[:5]}")
+        with torch.no_grad():  # what peft's set_peft_model_state_dict (load_state_dict) copies, directly
+            for key, param in adapter.items():
+                param.copy_(state[key])
+        return
     if isinstance(model, PeftModel):
         # peft annotates the return as `namedtuple` (not a type); it is torch's _IncompatibleKeys
         result: Any = set_peft_model_state_dict(model, state)

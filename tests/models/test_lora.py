@@ -58,3 +58,21 @@ def test_lora_counts_follow_rank():
     b = sum(v.numel() for v in get_trainable_state(_model(OmegaConf.merge(LORA, {"r": 8}))).values())
     # q_proj, v_proj in 2 layers, hidden 32: r * (32 + 32) each -> 4 modules x r x 64
     assert (a, b) == (4 * 4 * 64, 4 * 8 * 64)
+
+
+def test_adapter_swap_copies_into_the_parameters_peft_would_load():
+    """set/get go straight to the live adapter parameters (found once, by storage): the same tensors peft's
+    own set_peft_model_state_dict / get_peft_model_state_dict read and write, with modules_to_save too."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    lora = OmegaConf.merge(LORA, {"modules_to_save": ["lm_head"]})
+    ours, theirs = _model(lora), _model(lora)
+    g = torch.Generator().manual_seed(5)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in get_trainable_state(ours).items()}
+    assert any("lm_head" in k for k in state)
+    set_trainable_state(ours, state)
+    set_peft_model_state_dict(theirs, state)  # the second path: peft's loader
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    peft_view = get_peft_model_state_dict(ours, save_embedding_layers=False)
+    assert list(get_trainable_state(ours)) == list(peft_view)
+    assert all(torch.equal(get_trainable_state(ours)[k], peft_view[k]) for k in peft_view)
