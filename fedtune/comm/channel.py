@@ -6,6 +6,13 @@ safetensors header), ``len(payload)`` is recorded for (round, client, direction,
 receiver gets a message decoded from those bytes: fresh tensors, never an alias of the sender's.
 Each transfer also records the wall-clock seconds the channel spent on it (encode, serialize,
 deserialize, decode): the run's ``time/comm_s`` is read from here.
+
+``wire="compact"`` serializes with :mod:`fedtune.comm.wire` instead: a string table per
+(client, direction), counted in the payload that first needs each string, then a few bytes a tensor.
+That table is the channel's only state (:meth:`Channel.state_dict`, checkpointed so a resumed run
+counts the same bytes). ``entropy="zstd"`` compresses either format's payload, and the compressed
+length is what is counted. Under the parallel engine every ``send`` runs on rank 0 (a worker's channel
+would keep its own tables; no strategy sends from a worker today).
 """
 
 from __future__ import annotations
@@ -20,9 +27,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedtune.comm import wire as compact
 from fedtune.comm.codec import Codec, Identity
+from fedtune.comm.entropy import ENTROPY, compress, decompress
+from fedtune.errors import ConfigError
 
 DIRECTIONS = ("up", "down")
+WIRES = ("safetensors", "compact")
 
 
 @dataclass
@@ -68,11 +79,24 @@ def deserialize(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 class Channel:
-    """Serializes, counts and delivers messages; one codec per direction."""
+    """Serializes, counts and delivers messages; one codec per direction.
 
-    def __init__(self, *, up: Codec | None = None, down: Codec | None = None) -> None:
+    Args:
+        up, down: the codecs (default: none).
+        wire: ``safetensors`` (a JSON header per payload) or ``compact`` (:mod:`fedtune.comm.wire`).
+        entropy: ``none`` or ``zstd`` (:mod:`fedtune.comm.entropy`) on the serialized payload.
+    """
+
+    def __init__(self, *, up: Codec | None = None, down: Codec | None = None, wire: str = "safetensors",
+                 entropy: str = "none") -> None:
+        if wire not in WIRES:
+            raise ConfigError(f"comm.wire={wire}: unknown wire format; use {' or '.join(WIRES)}")
+        if entropy not in ENTROPY:
+            raise ConfigError(f"comm.entropy={entropy}: unknown entropy coder; use {' or '.join(ENTROPY)}")
         self.codecs = {"up": up or Identity(), "down": down or Identity()}
+        self.wire, self.entropy = wire, entropy
         self.transfers: list[Transfer] = []
+        self.tables: dict[tuple[int, str], compact.Table] = {}  # compact wire: the receivers' tables
 
     def send(self, message: Message, *, round_idx: int, client_id: int, direction: str, kind: str = "model") -> Message:
         """Encode, serialize, count and decode ``message``; returns the receiver's copy."""
@@ -82,15 +106,30 @@ class Channel:
         start = time.perf_counter()
         codec = self.codecs[direction]
         encoded, codec_meta = codec.encode(message.tensors)
-        header = {"meta": json.dumps(message.meta, sort_keys=True), "codec": json.dumps(codec_meta, sort_keys=True)}
-        payload = serialize(encoded, header)
-        tensors, got = deserialize(payload)
-        out = Message(
-            tensors=codec.decode(tensors, json.loads(got["codec"])), meta=json.loads(got["meta"]), pool=message.pool
-        )
+        if self.wire == "compact":
+            table = self.tables.setdefault((client_id, direction), compact.Table())
+            sender = table.copy()  # each end keeps its own copy; the receiver's is the one kept here
+            payload = compress(compact.encode(encoded, message.meta, codec_meta, sender), self.entropy)
+            tensors, meta, got_codec = compact.decode(decompress(payload, self.entropy), table)
+            assert sender == table, "the two ends' string tables diverged"
+        else:
+            header = {"meta": json.dumps(message.meta, sort_keys=True),
+                      "codec": json.dumps(codec_meta, sort_keys=True)}
+            payload = compress(serialize(encoded, header), self.entropy)
+            tensors, got = deserialize(decompress(payload, self.entropy))
+            meta, got_codec = json.loads(got["meta"]), json.loads(got["codec"])
+        out = Message(tensors=codec.decode(tensors, got_codec), meta=meta, pool=message.pool)
         self.transfers.append(Transfer(round_idx, client_id, direction, kind, len(payload),
                                        time.perf_counter() - start))
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to count the same bytes: each connection's string table."""
+        return {"tables": [[cid, direction, table.state_dict()] for (cid, direction), table in self.tables.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tables = {(int(cid), str(direction)): compact.Table.from_state(table)
+                       for cid, direction, table in state["tables"]}
 
     def seconds(self, round_idx: int, *, kinds: tuple[str, ...] = ("model",)) -> float:
         """Wall-clock seconds this round's transfers of ``kinds`` took in the channel (both directions).
