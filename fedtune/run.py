@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedtune import checkpoint
 from fedtune.client.runtime import ClientResult
 from fedtune.client.store import ClientStore
-from fedtune.comm.channel import Message
+from fedtune.comm.channel import Channel, Message
 from fedtune.config import build, to_container, validate
 from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
 from fedtune.errors import ConfigError, Interrupted
@@ -100,7 +100,7 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
     clients_per_round = cfg.clients_per_round or cfg.num_clients
     progress = Progress(choices=dict(choices or {}), group=group)
     if ckpt is not None:
-        _restore(ckpt, progress, strategy=strategy, schedule=schedule, store=store, out_dir=out_dir)
+        _restore(ckpt, progress, strategy=strategy, schedule=schedule, store=store, channel=channel, out_dir=out_dir)
     sinks, start_info, majority, media = _open_run_files(cfg, world, out_dir, resume=resume)
     try:
         _attach_logger(cfg, sinks, progress, out_dir, job_name=job_name, start_info=start_info, media=media)
@@ -165,7 +165,7 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
             progress.last = metrics
             if cfg.checkpoint.every and ((round_idx + 1) % cfg.checkpoint.every == 0 or round_idx == cfg.num_rounds - 1):
                 _save_checkpoint(cfg, out_dir, round_idx, progress, strategy=strategy, schedule=schedule, store=store,
-                                 wall_s=progress.wall_before + time.perf_counter() - wall_start)
+                                 channel=channel, wall_s=progress.wall_before + time.perf_counter() - wall_start)
 
         _save_adapters(model, strategy.eval_states(store), out_dir / "adapter")
         summary = _write_summary(cfg, out_dir, progress, start_info, strategy=strategy, sinks=sinks,
@@ -195,11 +195,12 @@ def _checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def _restore(ckpt: dict[str, Any], progress: Progress, *, strategy: Strategy, schedule: Schedule,
-             store: ClientStore, out_dir: Path) -> None:
+             store: ClientStore, channel: Channel, out_dir: Path) -> None:
     """Exact resume: every state the rounds change, and metrics rows logged after the checkpoint dropped."""
     strategy.load_state_dict(ckpt["strategy"])
     schedule.load_state_dict(ckpt["schedule"])
     store.load_state_dict(ckpt["store"], base=out_dir / "checkpoint")
+    channel.load_state_dict(ckpt.get("channel", {"tables": []}))  # the compact wire's string tables
     checkpoint.set_rng_state(ckpt["rng"])
     progress.total_bytes, progress.rejected_total, progress.last = ckpt["total_bytes"], ckpt["rejected_total"], ckpt["last"]
     # what the run was started with, not what `fedtune resume=...` composed; wall time so far
@@ -302,9 +303,10 @@ def _mean(values: list[float], weights: list[float]) -> float:
 
 
 def _save_checkpoint(cfg: DictConfig, out_dir: Path, round_idx: int, progress: Progress, *, strategy: Strategy,
-                     schedule: Schedule, store: ClientStore, wall_s: float) -> None:
+                     schedule: Schedule, store: ClientStore, channel: Channel, wall_s: float) -> None:
     checkpoint.save(out_dir / "checkpoint", round_idx, {
         "strategy": strategy.state_dict(), "schedule": schedule.state_dict(), "rng": checkpoint.rng_state(),
+        "channel": channel.state_dict(),
         "total_bytes": progress.total_bytes, "rejected_total": progress.rejected_total, "last": progress.last,
         "wandb_id": progress.wandb_id, "choices": progress.choices, "group": progress.group, "wall_s": wall_s,
     }, keep_last=cfg.checkpoint.keep_last, store=store)
