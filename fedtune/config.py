@@ -58,10 +58,15 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "checkpoint.keep_last")
     _positive(cfg, "clients.flops_per_s")
     _positive(cfg, "clients.server_flops_per_s", allow_none=True)
-    from fedtune.comm.spec import make_codec  # a bad codec spec stops here, before any folder exists
+    from fedtune.comm.channel import WIRES  # a bad codec spec or wire stops here, before any folder exists
+    from fedtune.comm.entropy import ENTROPY
+    from fedtune.comm.spec import make_codec
 
     for direction in ("up", "down"):
         make_codec(cfg.comm[direction], key=f"comm.{direction}")
+    for key, allowed in (("wire", WIRES), ("entropy", ENTROPY)):
+        value = cfg.comm.get(key, allowed[0])
+        _require(value in allowed, f"comm.{key}={value}: must be one of {', '.join(allowed)}")
     threads = cfg.get("threads")
     _require(threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1),
              f"threads={threads}: must be an integer >= 1 (torch CPU threads), or null for all cores")

@@ -100,7 +100,8 @@ def local_config(cfg: DictConfig) -> LocalConfig:
 
 def make_channel(cfg: DictConfig) -> Channel:
     return Channel(up=make_codec(cfg.comm.up, key="comm.up", seed=cfg.seed),
-                   down=make_codec(cfg.comm.down, key="comm.down", seed=cfg.seed))
+                   down=make_codec(cfg.comm.down, key="comm.down", seed=cfg.seed),
+                   wire=str(cfg.comm.get("wire", "safetensors")), entropy=str(cfg.comm.get("entropy", "none")))
 
 
 def client_runtime(cfg: DictConfig, world: World, *, store: ClientStore, channel: Channel) -> ClientRuntime:
