@@ -1,3 +1,3 @@
-from fedtune.cli import main
+from fedtune.cli import entry
 
-main()
+entry()

@@ -62,8 +62,11 @@ def _one_line(err: Exception) -> str:
     return " ".join(text.split())
 
 
-def precheck(argv: list[str]) -> None:
-    """Compose and validate every job the command line would run; raise ConfigError on the first bad one."""
+def precheck(argv: list[str], *, lean: bool = False) -> None:
+    """Compose and validate every job the command line would run; raise ConfigError on the first bad one.
+
+    ``lean``: a fresh process (the console script) whose jobs all use full-precision base weights hides
+    bitsandbytes before anything imports it (:func:`skip_bitsandbytes`)."""
     overrides = _overrides(argv)
     if overrides is None:
         return
@@ -72,10 +75,6 @@ def precheck(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from fedtune.config import build, validate
-    from fedtune.data.sources import check_data
-    from fedtune.strategies.base import check_schedule
 
     parser = OverridesParser.create()
     for override in overrides:  # one at a time, so a value Hydra's grammar cannot read is named
@@ -88,8 +87,15 @@ def precheck(argv: list[str]) -> None:
         parsed = parser.parse_overrides(overrides)
         jobs = [combo for batch in BasicSweeper.split_arguments(parsed, None) for combo in batch]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            for combo in jobs:
-                cfg = compose(config_name="config", overrides=list(combo), return_hydra_config=True)
+            cfgs = [(combo, compose(config_name="config", overrides=list(combo), return_hydra_config=True))
+                    for combo in jobs]
+            if lean:
+                skip_bitsandbytes([cfg for _, cfg in cfgs])
+            from fedtune.config import build, validate  # imports torch (and peft, below): after the decision
+            from fedtune.data.sources import check_data
+            from fedtune.strategies.base import check_schedule
+
+            for combo, cfg in cfgs:
                 _refuse_unread_keys(combo, cfg)
                 validate(cfg)
                 for node in (cfg.partition, cfg.schedule):  # their constructors check their settings
@@ -102,6 +108,24 @@ def precheck(argv: list[str]) -> None:
                     check_source(cfg.model.name_or_path, name=cfg.model.name, packaged=cfg.model.get("packaged"))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_one_line(err)) from None
+
+
+def skip_bitsandbytes(cfgs: list[DictConfig]) -> bool:
+    """Hide bitsandbytes from this process when no job quantizes its base weights.
+
+    peft imports bitsandbytes whenever it is installed (``peft.helpers``, and LoRA's layer dispatch asks
+    ``is_bnb_available()``), which costs about a second of start-up on CPU even when nothing is
+    quantized. ``sys.modules[name] = None`` is Python's documented way to make a module absent: its
+    import raises ImportError and ``importlib.util.find_spec`` returns None, so peft and transformers
+    treat it as not installed. Only for a fresh process (nothing imported it yet) whose every job has
+    ``quant.load_in: null`` and is not a resume (which runs the saved config's quant); returns whether it
+    hid it.
+    """
+    if "bitsandbytes" in sys.modules or any(cfg.quant.get("load_in") is not None or cfg.get("resume")
+                                            for cfg in cfgs):
+        return False
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    return True
 
 
 def unparsable_line(override: str, error: str, *, multirun: bool = False) -> str:
@@ -325,8 +349,14 @@ RESUME_KEYS = ("num_rounds", "threads", "device", "engine")
 RESUME_PREFIXES = ("engine.",)
 
 
-def main() -> None:
-    """Console-script entry point."""
+def entry() -> None:
+    """The console script and ``python -m fedtune``: :func:`main` in a process of its own, which may
+    leave out imports its jobs do not use (tests call :func:`main` in-process, where it must not)."""
+    main(lean=True)
+
+
+def main(*, lean: bool = False) -> None:
+    """Run the command line in ``sys.argv`` (see :func:`entry`)."""
     if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from fedtune.engine.parallel import serve_torchrun_worker  # torchrun ranks > 0: workers, no Hydra
 
@@ -334,7 +364,7 @@ def main() -> None:
     new_invocation()
     os.environ.pop(FRESH_ENV, None)
     try:
-        precheck(sys.argv[1:])
+        precheck(sys.argv[1:], lean=lean)
         overrides = _overrides(sys.argv[1:])
         if overrides is not None:
             sys.argv += placement(sys.argv[1:], overrides)

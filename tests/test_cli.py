@@ -88,3 +88,50 @@ def test_encoder_model_for_generation_is_one_line(monkeypatch, tmp_path, capsys)
     code = _main(monkeypatch, tmp_path, "model=minilm", "data=synthetic")
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "classify_with=head" in err
+
+
+def _composed(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from fedtune.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_bitsandbytes_is_hidden_only_when_no_job_quantizes(monkeypatch) -> None:
+    # The decision by hand: hide iff nothing imported it yet, no job loads a quantized base, no resume.
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    plain, nf4, int8 = _composed(), _composed("quant=nf4"), _composed("quant=int8")
+    resumed = _composed("resume=/somewhere")
+    assert not cli.skip_bitsandbytes([plain, nf4]) and "bitsandbytes" not in sys.modules
+    assert not cli.skip_bitsandbytes([int8]) and "bitsandbytes" not in sys.modules
+    assert not cli.skip_bitsandbytes([plain, resumed]) and "bitsandbytes" not in sys.modules
+    assert cli.skip_bitsandbytes([plain, plain])
+    assert sys.modules["bitsandbytes"] is None  # Python's "absent" marker
+    import importlib.util
+
+    assert importlib.util.find_spec("bitsandbytes") is None
+    with pytest.raises(ImportError):
+        import bitsandbytes  # noqa: F401
+    monkeypatch.setitem(sys.modules, "bitsandbytes", object())  # already imported: left alone
+    assert not cli.skip_bitsandbytes([plain])
+
+
+def test_console_run_without_quantization_never_imports_bitsandbytes(tmp_path) -> None:
+    # Observed from outside: -X importtime lists every module the process imported. peft would pull
+    # bitsandbytes.* in (it is installed); the fresh console process hides it and still runs.
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "fedtune", *FAST, "num_rounds=1",
+                           "local.max_steps=1", "eval.bleu_samples=0", f"output_dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "peft" in imported and "torch" in imported
+    assert not [m for m in imported if m.startswith("bitsandbytes.")]
