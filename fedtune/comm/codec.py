@@ -8,10 +8,12 @@ everything the receiver needs is in the encoded tensors or in ``meta`` -- nothin
 The spec grammar (``comm.up=...``, ``comm.down=...``) is parsed by :func:`fedtune.comm.spec.make_codec`::
 
     spec   := value | sparse | sparse '+' value
-    value  := none | fp32 | fp16 | bf16 | int8['@'B] | nf4['@'B] | fp4['@'B]
+    value  := none | fp32 | fp16 | bf16 | int8['@'B] | nf4['@'B] | fp4['@'B] | lowbit['s']['@'B]
+    lowbit := sign | tern | int2 | int3   (1, 1.6, 2, 3 bits a value; 's': stochastic rounding)
     sparse := topk F | randk F            (0 < F <= 1: the kept fraction, per tensor)
 
-``int8`` is blockwise absmax (B=256 by default), ``nf4``/``fp4`` are 4-bit (two codes a byte, B=64).
+``int8`` is blockwise absmax (B=256 by default), ``nf4``/``fp4`` are 4-bit (two codes a byte, B=64);
+the low-bit codecs are in :mod:`fedtune.comm.lowbit` (B=256, stochastic B=128).
 In ``topk0.01+int8`` the sparsifier's kept values (and the tensors it left alone) go through the
 value codec. Encoded names are derived (``w::values``, ``w::idx``, ``w::absmax``).
 

@@ -1,6 +1,6 @@
 """Codec specs: ``comm.up=topk0.01+int8`` -> a codec (grammar in :mod:`fedtune.comm.codec`).
 
-The parser sits above the codecs it builds (``codec`` primitives <- ``quantize``/``sparse`` <- ``spec``),
+The parser sits above the codecs it builds (``codec`` primitives <- ``quantize``/``sparse``/``lowbit`` <- ``spec``),
 so the package's imports run one way.
 """
 
@@ -12,18 +12,20 @@ from fractions import Fraction
 import torch
 
 from fedtune.comm.codec import Cast, Codec, Compose, Identity
+from fedtune.comm.lowbit import LowBit
 from fedtune.comm.quantize import FourBit, Int8
 from fedtune.comm.sparse import RandomK, TopK
 from fedtune.errors import ConfigError
 
-GRAMMAR = ("none|fp32|fp16|bf16|int8[@B]|nf4[@B]|fp4[@B] (B: block size), topkF|randkF (0<F<=1, kept fraction), "
+GRAMMAR = ("none|fp32|fp16|bf16|int8[@B]|nf4[@B]|fp4[@B]|sign[s][@B]|tern[s][@B]|int2[s][@B]|int3[s][@B] "
+           "(B: block size; s: stochastic rounding), topkF|randkF (0<F<=1, kept fraction), "
            "or topkF+<one of those> (e.g. topk0.01+int8)")
 
-_VALUE = re.compile(r"(none|fp32|fp16|bf16)|(int8|nf4|fp4)(?:@(\d+))?")
+_VALUE = re.compile(r"(none|fp32|fp16|bf16)|(int8|nf4|fp4|sign|tern|int2|int3)(s?)(?:@(\d+))?")
 _SPARSE = re.compile(r"(topk|randk)((?:\d+\.?\d*|\.\d+)(?:e-?\d+)?)")
 
 
-def _value_codec(text: str) -> Codec | None:
+def _value_codec(text: str, seed: int = 0) -> Codec | None:
     m = _VALUE.fullmatch(text)
     if m is None:
         return None
@@ -31,11 +33,14 @@ def _value_codec(text: str) -> Codec | None:
         return Identity()
     if m[1]:
         return Cast(dtype=torch.float16 if m[1] == "fp16" else torch.bfloat16, name=m[1])
-    if m[3] is not None and int(m[3]) < 1:
+    block_size = int(m[4]) if m[4] is not None else None
+    if block_size is not None and block_size < 1 or m[3] and m[2] in ("int8", "nf4", "fp4"):
         return None
+    if m[2] in ("sign", "tern", "int2", "int3"):
+        return LowBit(kind=m[2], block_size=block_size, stochastic=bool(m[3]), seed=seed)
     if m[2] == "int8":
-        return Int8(block_size=int(m[3] or 256))
-    return FourBit(quant_type=m[2], block_size=int(m[3] or 64))
+        return Int8(block_size=block_size or 256)
+    return FourBit(quant_type=m[2], block_size=block_size or 64)
 
 
 def _sparse_codec(text: str, seed: int) -> Codec | None:
@@ -51,17 +56,18 @@ def make_codec(spec: str, *, key: str = "comm", seed: int = 0) -> Codec:
     Args:
         spec: e.g. ``none``, ``bf16``, ``int8@64``, ``nf4``, ``topk0.01+int8``, ``randk0.1``.
         key: the config key it came from, named in the error message.
-        seed: mixed into random-k's draws (which also depend on each tensor's name and content).
+        seed: mixed into random-k's and stochastic rounding's draws (which also depend on each tensor's
+            name and content).
 
     Raises:
         ConfigError: unknown or malformed spec (one line naming ``key`` and listing the grammar).
     """
     text = str(spec).strip().lower()
     first, plus, rest = text.partition("+")
-    codec = _value_codec(first) if not plus else None
+    codec = _value_codec(first, seed) if not plus else None
     if codec is None:
         sparse = _sparse_codec(first, seed)
-        second = _value_codec(rest) if plus else None
+        second = _value_codec(rest, seed) if plus else None
         if sparse is not None and not plus:
             codec = sparse
         elif sparse is not None and second is not None:
