@@ -25,7 +25,7 @@ from fedtune.client.runtime import ClientResult
 from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Channel, Message
 from fedtune.config import build, to_container, validate
-from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
+from fedtune.data.partition_report import Drawing, draw_heatmap, format_report_table, partition_report
 from fedtune.errors import ConfigError, Interrupted
 from fedtune.metrics.text import perplexity
 from fedtune.models.lora import count_parameters, set_trainable_state
@@ -102,6 +102,7 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
     if ckpt is not None:
         _restore(ckpt, progress, strategy=strategy, schedule=schedule, store=store, channel=channel, out_dir=out_dir)
     sinks, start_info, majority, media = _open_run_files(cfg, world, out_dir, resume=resume)
+    heatmap = media[0]  # drawn by a child process while the rounds run; logged once it is there
     try:
         _attach_logger(cfg, sinks, progress, out_dir, job_name=job_name, start_info=start_info, media=media)
         engine.start(runtime, cfg, strategy)
@@ -161,6 +162,7 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
                 "time/round_s": time.perf_counter() - round_start,
                 "mem/process_rss_bytes": psutil.Process().memory_info().rss,
             })
+            heatmap = _log_heatmap(sinks, heatmap, wait=round_idx == cfg.num_rounds - 1)
             sinks.log(metrics, step=round_idx)
             progress.last = metrics
             if cfg.checkpoint.every and ((round_idx + 1) % cfg.checkpoint.every == 0 or round_idx == cfg.num_rounds - 1):
@@ -177,6 +179,8 @@ def _run(cfg: DictConfig, *, out_dir: Path, choices: dict[str, str] | None, grou
         raise Interrupted(interrupted_message(round_idx, progress.saved_round, cfg.num_rounds, out_dir)) from None
     finally:
         engine.close()
+        if heatmap is not None:
+            heatmap.wait()  # the file is complete whenever run() returns
         sinks.close()
 
 
@@ -212,7 +216,7 @@ def _restore(ckpt: dict[str, Any], progress: Progress, *, strategy: Strategy, sc
     log.info("resuming %s after round %d", out_dir, ckpt["round_idx"])
 
 
-Media = tuple[dict[str, Path], dict[str, tuple[list[str], list[list[Any]]]]]  # (images, tables)
+Media = tuple[Drawing | None, dict[str, tuple[list[str], list[list[Any]]]]]  # (the heatmap being drawn, tables)
 
 
 def _open_run_files(cfg: DictConfig, world: World, out_dir: Path, *, resume: bool
@@ -224,7 +228,7 @@ def _open_run_files(cfg: DictConfig, world: World, out_dir: Path, *, resume: boo
                               label_names=splits.label_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "partition.json").write_text(dumps(report, indent=1))
-    heatmap = save_heatmap(report, out_dir / "plots" / "partition.png") if report["values"] else None
+    heatmap = draw_heatmap(report, out_dir / "plots" / "partition.png") if report["values"] else None
     log.info("partition (%s):\n%s", report["column"] or "sizes", format_report_table(report))
     if not resume:  # the config as it ran, next to its outputs (what `resume=` reads back)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))
@@ -248,7 +252,7 @@ def _open_run_files(cfg: DictConfig, world: World, out_dir: Path, *, resume: boo
                  start_info["data/eval_from"], majority[0], majority[1])
     log.info("model: %d trainable / %d params | clients: %s examples | device %s",
              trainable_params, total_params, start_info["partition/sizes"], world.device)
-    media: Media = ({"partition/heatmap": heatmap} if heatmap else {}, {"partition/clients": partition_table(report)})
+    media: Media = (heatmap, {"partition/clients": partition_table(report)})
     return sinks, start_info, majority, media
 
 
@@ -261,7 +265,17 @@ def _attach_logger(cfg: DictConfig, sinks: Sinks, progress: Progress, out_dir: P
     sinks.sinks.append(logger_sink)
     progress.wandb_id = getattr(logger_sink, "run_id", None)
     sinks.summary(start_info)
-    sinks.log_media(images=media[0], tables=media[1])
+    sinks.log_media(images={}, tables=media[1])
+
+
+def _log_heatmap(sinks: Sinks, heatmap: Drawing | None, *, wait: bool) -> Drawing | None:
+    """The partition heatmap joins the logged media (with the next row) once its child process has
+    drawn it, at the latest with the last round's row; returns what is still pending."""
+    if heatmap is None or not (wait or heatmap.ready()):
+        return heatmap
+    if (path := heatmap.wait()) is not None:
+        sinks.log_media(images={"partition/heatmap": path}, tables={})
+    return None
 
 
 def arrival_delays(cfg: DictConfig, profiles: dict[int, ClientProfile], sent: dict[tuple[int, str], int],

@@ -37,3 +37,24 @@ def one_round(strategy, clients: dict[int, FakeClient], round_idx: int = 0, *, f
     replies = {cid: strategy.local_update(clients[cid], msg) for cid, msg in messages.items()}
     held = {cid: strategy.fold(round_idx, cid, m) for cid, m in replies.items()} if fold else replies
     return strategy.aggregate(round_idx, held), replies
+
+
+class RecordingSink:
+    """A logger (``logger._target_=fakes.RecordingSink``) that records every call, in order, in ``CALLS``."""
+
+    CALLS: list[tuple] = []
+
+    def __init__(self, **_) -> None:
+        pass
+
+    def log(self, metrics, step):
+        self.CALLS.append(("log", step))
+
+    def summary(self, values):
+        self.CALLS.append(("summary",))
+
+    def log_media(self, *, images, tables):
+        self.CALLS.append(("media", dict(images), sorted(tables)))
+
+    def close(self):
+        self.CALLS.append(("close",))

@@ -188,3 +188,42 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_tmp(monkeypatch
     monkeypatch.setattr(torch, "save", real_save)
     assert _main(monkeypatch, f"resume={out}") == 0  # the round before the failure stands
     assert [r["round_idx"] for r in read_metrics(out)] == [0, 1, 2]
+
+
+def _slow_heatmap(report, path):
+    time.sleep(1.0)  # slower than the rounds: the run must wait for the file, not return without it
+    return _slow_heatmap.original(report, path)
+
+
+@pytest.fixture
+def slow_heatmap(monkeypatch):
+    from fedtune.data import partition_report as pr
+
+    monkeypatch.setattr(_slow_heatmap, "original", pr.save_heatmap, raising=False)
+    monkeypatch.setattr(pr, "save_heatmap", _slow_heatmap)  # the forked child runs the patched module
+
+
+def test_heatmap_drawn_off_the_critical_path_is_logged_and_complete(run_fedtune, slow_heatmap) -> None:
+    from fakes import RecordingSink
+
+    RecordingSink.CALLS.clear()
+    _, out = run_fedtune("partition=dirichlet", "logger._target_=fakes.RecordingSink", "num_rounds=2")
+    png = out / "plots" / "partition.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # complete when run() returned
+    calls = RecordingSink.CALLS
+    media = [c for c in calls if c[0] == "media" and c[1]]
+    assert media == [("media", {"partition/heatmap": png}, [])]  # once, with the file
+    assert calls.index(media[0]) < calls.index(("log", 1))  # at the latest with the last round's row
+    assert ("media", {}, ["partition/clients"]) in calls  # the table at start, as before
+
+
+def test_heatmap_file_is_complete_even_when_the_run_fails(run_fedtune, slow_heatmap, monkeypatch, tmp_path) -> None:
+    from fedtune import run as run_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(run_module, "_evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        run_fedtune("partition=dirichlet", "num_rounds=1")
+    assert (tmp_path / "run1" / "plots" / "partition.png").read_bytes()[:4] == b"\x89PNG"

@@ -2,12 +2,18 @@
 
 :func:`partition_report` builds a JSON-serialisable dict (the run saves it as ``partition.json``),
 :func:`format_report_table` renders it as a compact text table for the log, and
-:func:`save_heatmap` draws the clients x values count matrix as a PNG.
+:func:`save_heatmap` draws the clients x values count matrix as a PNG; :class:`Drawing` draws it in a
+child process while the run goes on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +22,8 @@ import numpy as np
 from fedtune.data.partition import encode_column, resolve_column
 from fedtune.data.schema import Example
 from fedtune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _MATRIX_MAX_VALUES = 8  # up to this many values the table shows the full count matrix
 
@@ -179,3 +187,52 @@ def save_heatmap(report: dict[str, Any], path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     return out
+
+
+class Drawing:
+    """A figure file drawn by a forked child process while the caller goes on.
+
+    The partition heatmap costs about a second on CPU (importing matplotlib, then rendering), all
+    before the first round when drawn in line; a child forked from the run draws it on the other core
+    instead. :meth:`wait` joins the child and returns the file (None, with a warning, when drawing
+    failed: a figure never stops a run). Where ``fork`` does not exist it draws in line.
+    """
+
+    def __init__(self, draw: Callable[[Path], Path], path: str | Path) -> None:
+        self.path: Path | None = Path(path)
+        self._proc: Any = None
+        if "fork" not in multiprocessing.get_all_start_methods():
+            self.path = draw(self.path)
+            return
+        self._proc = multiprocessing.get_context("fork").Process(target=_draw_child, args=(draw, self.path),
+                                                                 daemon=True)
+        self._proc.start()
+
+    def ready(self) -> bool:
+        """Whether :meth:`wait` would return at once."""
+        return self._proc is None or not self._proc.is_alive()
+
+    def wait(self) -> Path | None:
+        if self._proc is not None:
+            self._proc.join()
+            code, self._proc = self._proc.exitcode, None
+            if code != 0:
+                log.warning("the partition heatmap was not drawn (its process exited with code %s)", code)
+                self.path = None
+        return self.path
+
+
+def _draw_child(draw: Callable[[Path], Path], path: Path) -> None:
+    """In the forked child: Ctrl-C is the run's to handle; a failure is one line, never a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        draw(path)
+    except Exception as err:
+        sys.stderr.write(f"fedtune: partition heatmap: {type(err).__name__}: {err}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def draw_heatmap(report: dict[str, Any], path: str | Path) -> Drawing:
+    """:func:`save_heatmap` in a child process (see :class:`Drawing`)."""
+    return Drawing(lambda target: save_heatmap(report, target), path)

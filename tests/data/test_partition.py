@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fedtune.data.partition import IID, Dirichlet, Natural, Quantity, Shards
-from fedtune.data.partition_report import format_report_table, partition_report, save_heatmap
+from fedtune.data.partition_report import Drawing, format_report_table, partition_report, save_heatmap
 from fedtune.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "partition"
@@ -245,3 +247,33 @@ def test_configs_instantiate_and_run(path: Path) -> None:
     assert type(partitioner).__name__.lower() == path.stem
     examples = classify(num_labels=4, per_label=10)
     assert_valid(partitioner(examples, num_clients=4, seed=0), 4, 40)
+
+
+def _write_pid(path: Path) -> Path:
+    path.write_text(str(os.getpid()))
+    return path
+
+
+def _slow_write_pid(path: Path) -> Path:
+    time.sleep(0.5)
+    return _write_pid(path)
+
+
+def _fail(path: Path) -> Path:
+    raise ValueError("no figure today")
+
+
+def test_drawing_runs_in_a_child_process_and_wait_joins_it(tmp_path: Path) -> None:
+    drawing = Drawing(_slow_write_pid, tmp_path / "fig.png")
+    assert not drawing.ready()  # still drawing: the caller went on
+    assert drawing.wait() == tmp_path / "fig.png" and drawing.ready()
+    assert int((tmp_path / "fig.png").read_text()) != os.getpid()  # another process drew it
+    assert Drawing(_write_pid, tmp_path / "again.png").wait() == tmp_path / "again.png"
+
+
+def test_a_failed_drawing_is_a_warning_not_an_error(tmp_path: Path, caplog, capfd) -> None:
+    with caplog.at_level("WARNING"):
+        assert Drawing(_fail, tmp_path / "fig.png").wait() is None
+    assert "partition heatmap was not drawn" in caplog.text
+    err = capfd.readouterr().err
+    assert "ValueError: no figure today" in err and "Traceback" not in err
