@@ -17,7 +17,8 @@ from fedtune.comm.channel import Channel, Message
 from fedtune.comm.spec import make_codec
 from fedtune.comm.wire import Table, decode, encode
 
-SPECS = ["none", "bf16", "int8", "nf4", "topk0.01+int8", "randk0.1"]
+SPECS = ["none", "bf16", "int8", "nf4", "topk0.01+int8", "randk0.1", "fp16", "fp4", "sign", "int2", "int3s@32",
+         "topk0.1+tern"]
 
 
 def _raw(t: torch.Tensor) -> list[int]:
