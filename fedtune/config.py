@@ -42,6 +42,12 @@ def validate(cfg: DictConfig) -> None:
                  f"lora.r={cfg.lora.r}: the LoRA rank must be an integer >= 1 (or lora.enabled=false)")
         _positive(cfg, "lora.alpha")
         _require(0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
+    mode = cfg.lora.get("mode", "lora")
+    _require(mode in ("lora", "ffa", "sb"), f"lora.mode={mode}: choose one of lora, ffa (train B only), "
+             "sb (train an r x r matrix between frozen A and B)")
+    _require(mode == "lora" or cfg.lora.enabled, f"lora.mode={mode} needs LoRA (set lora.enabled=true)")
+    _require(isinstance(cfg.comm.get("down_delta", False), bool),
+             f"comm.down_delta={cfg.comm.get('down_delta')}: must be true or false")
     _positive(cfg, "local.lr")
     _positive(cfg, "local.batch_size")
     _positive(cfg, "local.max_seq_len")

@@ -4,6 +4,18 @@ The trainable state is a ``{name: tensor}`` dict of exactly what a client trains
 matrices (and any ``modules_to_save``) with LoRA, or every parameter with ``lora.enabled=false``.
 Everything returned here is a detached CPU copy: peft's ``get_peft_model_state_dict`` returns
 tensors that share memory with the live model, and a payload must never alias them.
+
+``lora.mode`` says which LoRA factors are trained (and so exchanged):
+
+- ``lora``: A and B (plain LoRA).
+- ``ffa`` (FFA-LoRA, Sun et al. 2024): A stays at its seeded initialisation, the same in every process
+  (the model and its adapters are built under one seed), so only B is trained; the mean of B_i A is
+  (mean B_i) A, exact.
+- ``sb`` (Fed-SB, Singhal et al. 2025, simplified): plain LoRA until :func:`to_sb` freezes A and B and puts a
+  trainable r x r matrix R between them (``W0 + B R A``, R = I so the model is unchanged); from then on the
+  trainable state is the R matrices, and the mean of B R_i A is B (mean R_i) A, exact.
+
+Frozen factors are parameters with ``requires_grad=False``; their keys are left out of the trainable state.
 """
 
 from __future__ import annotations
@@ -15,11 +27,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from fedtune.errors import ConfigError
 
 State = dict[str, torch.Tensor]
+MODES = ("lora", "ffa", "sb")
 
 
 def apply_lora(
@@ -54,15 +68,111 @@ def apply_lora(
         task_type=task_type,
     )
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as err:
         raise ConfigError(
             f"lora.target_modules={targets}: {str(err).splitlines()[0]} "
             "(name modules of this model, e.g. [q_proj,v_proj], or all-linear)"
         ) from None
+    mode = lora_cfg.get("mode", "lora")
+    if mode not in MODES:
+        raise ConfigError(f"lora.mode={mode}: choose one of {', '.join(MODES)}")
+    if mode == "ffa":  # A keeps the seeded init it was just given (torch's RNG, seeded by the caller)
+        _freeze(peft_model, [p for layer in _lora_layers(peft_model) for name in layer.lora_A
+                             for p in layer.lora_A[name].parameters()], mode="ffa")
+    return peft_model
 
 
 _LIVE = "_fedtune_adapter_parameters"  # the cache of _adapter_parameters, in the model's __dict__
+_FROZEN = "_fedtune_frozen_keys"  # peft state-dict keys of frozen LoRA factors (ffa, sb), in the model's __dict__
+
+
+def _lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _freeze(model: PeftModel, params: list[torch.Tensor], *, mode: str) -> None:
+    """Stop training ``params`` and leave their keys out of the trainable state from now on."""
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None  # a gradient of earlier training is memory the client no longer holds
+    model.__dict__.pop(_LIVE, None)  # modules may have been replaced: find the live parameters again
+    live = _adapter_parameters(model)
+    if live is None:
+        raise ConfigError(f"lora.mode={mode}: this model's adapter state is not made of plain parameters "
+                          "(use lora.mode=lora)")
+    model.__dict__[_FROZEN] = frozenset(k for k, p in live.items() if not p.requires_grad)
+
+
+def frozen_keys(model: torch.nn.Module) -> frozenset[str]:
+    """Keys of the frozen LoRA factors (A under ffa; A and B after :func:`to_sb`); empty for plain LoRA."""
+    return model.__dict__.get(_FROZEN, frozenset())
+
+
+class SBFactor(torch.nn.Linear):
+    """Fed-SB's ``lora_B``: x -> B (R x), with B frozen and R (r x r, starting at the identity) trained.
+
+    peft's LoRA forward computes ``lora_B(lora_A(dropout(x))) * scaling``, so putting R inside ``lora_B``
+    gives ``W0 x + B R A x * scaling``. B keeps its parameter (and state-dict key ``lora_B.weight``); R's
+    key is ``lora_B.<adapter>.R.weight``. peft's merge (``get_delta_weight``) does not know R: do not merge.
+    """
+
+    def __init__(self, lora_b: torch.nn.Linear) -> None:
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = lora_b.in_features, lora_b.out_features
+        self.weight = lora_b.weight
+        self.register_parameter("bias", None)
+        r = lora_b.in_features
+        self.R = torch.nn.Linear(r, r, bias=False, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            self.R.weight.copy_(torch.eye(r, dtype=self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(self.R(x), self.weight)
+
+
+def is_sb(model: torch.nn.Module) -> bool:
+    """Whether :func:`to_sb` has put the R matrices in."""
+    return any(isinstance(b, SBFactor) for layer in _lora_layers(model) for b in layer.lora_B.values())
+
+
+def to_sb(model: PeftModel) -> None:
+    """Freeze every LoRA layer's A and B at their current values and put a trainable R = I between them
+    (the model's outputs are unchanged). The trainable state becomes the R matrices (plus any
+    ``modules_to_save``). Does nothing if already done."""
+    if is_sb(model):
+        return
+    frozen: list[torch.Tensor] = []
+    for layer in _lora_layers(model):
+        if layer.lora_embedding_A:
+            raise ConfigError("lora.mode=sb: adapters on embedding layers are not supported (target Linear layers)")
+        for name in list(layer.lora_B):
+            a, b = layer.lora_A[name], layer.lora_B[name]
+            assert isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear), (type(a), type(b))
+            layer.lora_B[name] = sb = SBFactor(b)
+            frozen += [a.weight, sb.weight]
+    _freeze(model, frozen, mode="sb")
+
+
+def get_frozen_state(model: torch.nn.Module) -> State:
+    """A CPU copy of the frozen LoRA factors (what Fed-SB clients receive once)."""
+    live = _adapter_parameters(model) if isinstance(model, PeftModel) else None
+    keys = frozen_keys(model)
+    assert live is not None or not keys, "frozen factors need a model whose adapter entries are parameters"
+    return {k: live[k].detach().to("cpu", copy=True) for k in sorted(keys)} if live else {}
+
+
+def set_frozen_state(model: torch.nn.Module, state: State) -> None:
+    """Copy ``state`` (exactly the frozen factors' keys) into the frozen parameters."""
+    keys = frozen_keys(model)
+    if keys != state.keys():
+        raise KeyError(f"frozen state keys differ from the model's frozen factors: "
+                       f"{sorted(keys ^ state.keys())[:5]}")
+    live = _adapter_parameters(model) if isinstance(model, PeftModel) else None
+    assert live is not None
+    with torch.no_grad():
+        for key in keys:
+            live[key].copy_(state[key])
 
 
 def _adapter_parameters(model: PeftModel) -> dict[str, torch.Tensor] | None:
@@ -89,6 +199,8 @@ def get_trainable_state(model: torch.nn.Module) -> State:
     """A detached CPU copy of the trainable state (never an alias of live parameters)."""
     if isinstance(model, PeftModel):
         live = _adapter_parameters(model) or get_peft_model_state_dict(model, save_embedding_layers=False)
+        if frozen := frozen_keys(model):
+            live = {k: t for k, t in live.items() if k not in frozen}
     else:
         live = {name: p for name, p in model.named_parameters() if p.requires_grad}
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in live.items()}
@@ -97,6 +209,8 @@ def get_trainable_state(model: torch.nn.Module) -> State:
 def set_trainable_state(model: torch.nn.Module, state: State) -> None:
     """Load ``state`` into the live model; any unexpected or missing trainable key raises."""
     if isinstance(model, PeftModel) and (adapter := _adapter_parameters(model)) is not None:
+        if frozen := frozen_keys(model):
+            adapter = {k: p for k, p in adapter.items() if k not in frozen}
         if adapter.keys() != state.keys():
             extra, missing = set(state) - set(adapter), set(adapter) - set(state)
             if extra:
