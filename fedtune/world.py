@@ -25,7 +25,7 @@ from fedtune.data.tasks import TaskData, corpus, prepare
 from fedtune.errors import ConfigError
 from fedtune.models.lora import apply_lora, get_trainable_state
 from fedtune.seeding import Purpose, derive_seed
-from fedtune.strategies.base import ServerContext, Strategy, check_schedule
+from fedtune.strategies.base import ServerContext, Strategy, check_exchange, check_schedule
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ def build_world(cfg: DictConfig, *, device: torch.device) -> World:
     """
     strategy: Strategy = build(cfg.strategy)
     check_schedule(strategy, cfg.schedule.mode)
+    lora_mode, down_delta = str(cfg.lora.get("mode", "lora")), bool(cfg.comm.get("down_delta", False))
+    check_exchange(strategy, lora_mode=lora_mode, down_delta=down_delta, schedule=cfg.schedule.mode)
     splits = strategy.prepare_splits(load_splits(cfg.data), seed=int(cfg.data.seed))
     tokenizer = build(cfg.model.tokenizer, texts=corpus(splits))
     task = prepare(splits, tokenizer, classify_with=cfg.data.classify_with, max_seq_len=cfg.local.max_seq_len,
@@ -87,7 +89,9 @@ def build_world(cfg: DictConfig, *, device: torch.device) -> World:
     world = World(splits=splits, tokenizer=tokenizer, task=task, model=model, parts=parts, device=device,
                   strategy=strategy, cfg=cfg)
     server = ServerContext(model=model, tokenizer=tokenizer, task=task, device=device, local=local_config(cfg),
-                           seed=int(cfg.seed), synchronous=cfg.schedule.mode == "sync")
+                           seed=int(cfg.seed), synchronous=cfg.schedule.mode == "sync",
+                           down_codec=make_codec(cfg.comm.down, key="comm.down", seed=cfg.seed), down_delta=down_delta,
+                           lora_mode=lora_mode)
     strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients, server=server)
     return world
 

@@ -37,6 +37,7 @@ import torch
 from fedtune.client.runtime import ClientContext, LocalConfig
 from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Message
+from fedtune.comm.codec import Codec
 from fedtune.errors import ConfigError
 from fedtune.models.lora import State, get_trainable_state, set_trainable_state
 from fedtune.seeding import Purpose, derive_seed, generator
@@ -67,6 +68,10 @@ class ServerContext:
         seed: the run's seed (derive streams with :class:`fedtune.seeding.Purpose`).
         synchronous: True when the schedule aggregates every round's replies together (``schedule=sync``);
             a strategy may then fold replies into a running aggregate as they arrive.
+        down_codec: the downlink codec (``comm.down``), deterministic: the server runs it to know exactly
+            what a client decodes (``comm.down_delta``, Fed-SB's frozen factors).
+        down_delta: ``comm.down_delta``: send each client the change since the state it holds.
+        lora_mode: ``lora.mode`` (lora | ffa | sb).
     """
 
     model: torch.nn.Module
@@ -76,6 +81,9 @@ class ServerContext:
     local: LocalConfig
     seed: int
     synchronous: bool = True
+    down_codec: Codec | None = None
+    down_delta: bool = False
+    lora_mode: str = "lora"
 
     @property
     def pad_id(self) -> int:
@@ -122,11 +130,16 @@ class Strategy(ABC):
             updates run in the server process, one after another, whatever the engine.
         supports_async: may run under ``schedule=semi_sync|async``, i.e. ``aggregate`` accepts stale
             replies (``meta["staleness"]``, ``meta["staleness_weight"]``) and any subset of clients.
+        lora_modes: the ``lora.mode`` values it supports (ffa and sb change which factors are trained
+            and exchanged: :mod:`fedtune.models.lora`; sb needs the strategy to switch modes).
+        supports_down_delta: honours ``comm.down_delta`` (:class:`fedtune.strategies.downlink.GlobalDownlink`).
     """
 
     full_parameters: ClassVar[bool] = False
     server_in_the_loop: ClassVar[bool] = False
     supports_async: ClassVar[bool] = False
+    lora_modes: ClassVar[tuple[str, ...]] = ("lora",)
+    supports_down_delta: ClassVar[bool] = False
 
     global_state: State
     num_clients: int
@@ -202,6 +215,20 @@ def check_schedule(strategy: Strategy, mode: str) -> None:
         raise ConfigError(f"schedule={mode}: strategy {type(strategy).__name__} aggregates synchronously only (every "
                           "dispatched client's fresh reply, every round); use schedule=sync, or a strategy that "
                           "supports it (fedavg, gradualdiff)")
+
+
+def check_exchange(strategy: Strategy, *, lora_mode: str, down_delta: bool, schedule: str) -> None:
+    """``lora.mode`` and ``comm.down_delta`` only with a strategy that declares them (Fed-SB: sync only)."""
+    name = type(strategy).__name__
+    if lora_mode not in strategy.lora_modes:
+        raise ConfigError(f"lora.mode={lora_mode}: strategy {name} supports {' | '.join(strategy.lora_modes)} only "
+                          "(ffa and sb: strategy=fedavg or gradualdiff)")
+    if down_delta and not strategy.supports_down_delta:
+        raise ConfigError(f"comm.down_delta=true: strategy {name} does not broadcast the global state "
+                          "(use strategy=fedavg or gradualdiff, or comm.down_delta=false)")
+    if lora_mode == "sb" and schedule != "sync":
+        raise ConfigError(f"lora.mode=sb: needs schedule=sync (a stale reply from before the switch to R "
+                          f"would carry the old factors), not schedule={schedule}")
 
 
 def check_weighting(weighting: str) -> str:

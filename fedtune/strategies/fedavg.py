@@ -4,6 +4,10 @@ Per round, per sampled client:
   down: the global trainable state (LoRA matrices; every parameter with ``lora.enabled=false``).
   up:   the client's trained state + ``num_examples``.
 Server: example-weighted (or uniform) mean of the uploaded states becomes the new global state.
+
+The trainable state is what ``lora.mode`` trains: A and B (lora), B only (ffa), the r x r matrices R
+after the first round (sb); each mean is exact for the product it stands for. ``comm.down_delta=true``
+sends each client the change since the state it holds (:mod:`fedtune.strategies.downlink`).
 """
 
 from __future__ import annotations
@@ -12,18 +16,20 @@ from fedtune.client.runtime import ClientContext
 from fedtune.comm.channel import Message
 from fedtune.strategies.aggregate import weighted_sum
 from fedtune.strategies.base import Strategy, StreamingMean, check_weighting
+from fedtune.strategies.downlink import GlobalDownlink
 
 
-class FedAvg(StreamingMean, Strategy):
+class FedAvg(GlobalDownlink, StreamingMean, Strategy):
     supports_async = True
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = check_weighting(weighting)
 
     def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
-        return {cid: Message(tensors=self.global_state) for cid in client_ids}
+        return self.send_global(round_idx, client_ids)  # the global state (or each client's delta to it)
 
     def local_update(self, client: ClientContext, message: Message) -> Message:
+        message = self.received(client, message)  # the global state, however it came down
         client.set_trainable(message.tensors)
         result = client.train()
         return Message(tensors=client.get_trainable(), meta={"num_examples": result.num_examples})

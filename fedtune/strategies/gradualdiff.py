@@ -6,6 +6,9 @@ Per round, per client (all K clients in the paper's synchronous setting):
 Server: theta_g <- theta_g + server_lr * mean_i(delta_i), the mean uniform 1/K as in the paper
 (``weighting=examples`` for a shard-size-weighted mean). With server_lr=1 and the same weights this
 is FedAvg; deltas are what make compression pay (see the ``comm`` codecs).
+
+``lora.mode`` (ffa: B only; sb: the r x r matrices R after the first round) and ``comm.down_delta`` work
+as with FedAvg (:mod:`fedtune.strategies.downlink`): the deltas are over whatever is trainable.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from fedtune.comm.channel import Message
 from fedtune.errors import ConfigError
 from fedtune.strategies.aggregate import add_scaled, subtract, weighted_sum
 from fedtune.strategies.base import Strategy, StreamingMean, check_weighting
+from fedtune.strategies.downlink import GlobalDownlink
 
 
-class GradualDiff(StreamingMean, Strategy):
+class GradualDiff(GlobalDownlink, StreamingMean, Strategy):
     supports_async = True
 
     def __init__(self, *, server_lr: float = 1.0, weighting: str = "uniform") -> None:
@@ -27,9 +31,10 @@ class GradualDiff(StreamingMean, Strategy):
         self.weighting = check_weighting(weighting)
 
     def broadcast(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
-        return {cid: Message(tensors=self.global_state) for cid in client_ids}
+        return self.send_global(round_idx, client_ids)  # the global state (or each client's delta to it)
 
     def local_update(self, client: ClientContext, message: Message) -> Message:
+        message = self.received(client, message)  # the global state, however it came down
         client.set_trainable(message.tensors)
         result = client.train()
         delta = subtract(client.get_trainable(), message.tensors)

@@ -1,0 +1,132 @@
+"""How the global trainable state reaches the clients of FedAvg and GradualDiff.
+
+Down, per client, per round (meta flags are a few bytes in the payload header):
+
+- default: the global trainable state.
+- ``comm.down_delta=true``: ``global - held[cid]``, where ``held[cid]`` is the state that client holds. The
+  server tracks ``held`` as exactly what the client decoded: it runs the (deterministic) downlink codec on
+  the same delta, so a lossy codec never makes the two copies drift, and what a codec drops one round is
+  part of the next round's delta (no error accumulates). A client that holds nothing yet (or a state of
+  other keys: Fed-SB's switch) gets the full state. Tensors whose delta is exactly zero are not sent.
+  The client keeps ``held`` in its store entry; the server keeps its table in ``state_dict`` (resume).
+- ``lora.mode=sb`` (Fed-SB, simplified): before round 1 (after the first aggregation of plain LoRA) the
+  server freezes the global A and B and the global state becomes the R matrices (identity at first). Each
+  client receives the frozen factors once, on its first contact after the switch, and keeps them in its
+  store entry; from then on only R (r x r per adapted layer) crosses the wire, both ways.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from fedtune.client.runtime import ClientContext
+from fedtune.comm.channel import Message
+from fedtune.models.lora import State, frozen_keys, get_trainable_state, set_frozen_state, to_sb
+from fedtune.strategies.aggregate import add_scaled, subtract
+
+if TYPE_CHECKING:
+    from fedtune.strategies.base import ServerContext
+
+SB_WARMUP_ROUNDS = 1  # rounds of plain LoRA before Fed-SB freezes A and B
+
+
+class GlobalDownlink:
+    """Mixin (before :class:`~fedtune.strategies.base.Strategy`): :meth:`send_global` makes ``broadcast``'s
+    messages (the global state, whole or as deltas), and :meth:`received` on the client turns a message back
+    into the global state to train from."""
+
+    supports_down_delta: ClassVar[bool] = True
+    lora_modes: ClassVar[tuple[str, ...]] = ("lora", "ffa", "sb")
+    server: ServerContext | None
+    global_state: State
+    _held: dict[int, State]  # comm.down_delta: per client, the state it holds (what it decoded)
+    _factors: State | None = None  # Fed-SB after the switch: the frozen A and B as the server sends them
+    _has_factors: set[int]  # Fed-SB: clients that received the frozen factors
+
+    def setup(self, **kwargs: Any) -> None:
+        super().setup(**kwargs)  # type: ignore[misc]  # Strategy.setup, next in the MRO
+        self._held, self._factors, self._has_factors = {}, None, set()
+
+    # ---- server
+    def send_global(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
+        """Server (``broadcast``): each client's message carrying the global state."""
+        # (a server context of a unit test may lack the exchange settings: their defaults then)
+        if getattr(self.server, "lora_mode", "lora") == "sb" and self._factors is None and round_idx >= SB_WARMUP_ROUNDS:
+            self._switch_to_sb()
+        return {cid: self._message(cid) for cid in client_ids}
+
+    def _message(self, cid: int) -> Message:
+        tensors, meta = self.global_state, dict[str, Any]()
+        if getattr(self.server, "down_delta", False):
+            held = self._held.get(cid)
+            if held is not None and held.keys() == tensors.keys():
+                delta = subtract(tensors, held)
+                tensors = {k: d for k, d in delta.items() if bool(d.any())}  # unchanged tensors: nothing to send
+                self._held[cid] = {**held, **add_scaled({k: held[k] for k in tensors}, self._as_received(tensors), 1.0)}
+                meta["down"] = "delta"
+            else:
+                self._held[cid] = self._as_received(tensors)
+                meta["down"] = "full"
+        if self._factors is not None:
+            meta["sb"] = 1
+            if cid not in self._has_factors:
+                self._has_factors.add(cid)
+                tensors = {**self._factors, **tensors}
+        return Message(tensors=tensors, meta=meta)
+
+    def _as_received(self, tensors: State) -> State:
+        """What a client decodes from ``tensors`` sent down (the channel's codec round trip, serialization
+        being lossless): the codec is deterministic and works tensor by tensor."""
+        codec = getattr(self.server, "down_codec", None)
+        if codec is None or not tensors:
+            return {k: t.detach().clone() for k, t in tensors.items()}
+        encoded, meta = codec.encode(dict(tensors))
+        decoded = codec.decode(dict(encoded), json.loads(json.dumps(meta)))
+        return {k: t.detach().clone() for k, t in decoded.items()}
+
+    def _switch_to_sb(self) -> None:
+        """Freeze the global A and B (as clients will decode them) into the server's model; the global
+        state becomes R = I for every adapted layer (the model's outputs do not change)."""
+        assert self.server is not None
+        model = self.server.model
+        to_sb(model)  # type: ignore[arg-type]  # the resident model is a PeftModel under lora.mode=sb
+        keys = frozen_keys(model)
+        self._factors = {k: self.global_state[k] for k in sorted(keys)}
+        set_frozen_state(model, self._as_received(self._factors))
+        rest = {k: v for k, v in self.global_state.items() if k not in keys}
+        self.global_state = {k: rest[k] if k in rest else torch.eye(v.shape[0], dtype=v.dtype)
+                             for k, v in get_trainable_state(model).items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()  # type: ignore[misc]
+        return {**out, "down_held": self._held, "sb_factors": self._factors, "sb_has_factors": sorted(self._has_factors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)  # type: ignore[misc]
+        self._held = state.get("down_held", {})
+        self._factors = state.get("sb_factors")
+        self._has_factors = set(state.get("sb_has_factors", []))
+        if self._factors is not None and self.server is not None:  # the server's model, as it was at the switch
+            to_sb(self.server.model)  # type: ignore[arg-type]
+            set_frozen_state(self.server.model, self._as_received(self._factors))
+
+    # ---- client
+    def received(self, client: ClientContext, message: Message) -> Message:
+        """Client: the global state (as this client holds it) from what came down; keeps what it must."""
+        tensors = dict(message.tensors)
+        if message.meta.get("sb"):  # Fed-SB: this process's model carries R, with this client's frozen factors
+            to_sb(client.model)  # type: ignore[arg-type]
+            factors = {k: tensors.pop(k) for k in frozen_keys(client.model) if k in tensors}
+            if factors:
+                client.state["sb_factors"] = factors
+            set_frozen_state(client.model, client.state["sb_factors"])
+        down = message.meta.get("down")
+        if down == "delta":
+            held = client.state["down_held"]
+            tensors = {**held, **add_scaled({k: held[k] for k in tensors}, tensors, 1.0)}
+        if down is not None:
+            client.state["down_held"] = tensors
+        return Message(tensors=tensors, meta=message.meta, pool=message.pool)
