@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from fedtune.errors import ConfigError
 from fedtune.strategies.fedavg import FedAvg
@@ -30,3 +31,27 @@ class FailingFedAvg(FedAvg):
                 raise ConfigError("strategy.how=config: an injected one-line user error")
             os.kill(os.getpid(), signal.SIGKILL)
         return super().local_update(client, message)
+
+
+class GatedFedAvg(FedAvg):
+    """FedAvg whose ``local_update`` for ``wait_client`` (in a worker) waits until rank 0 has folded
+    another client's update of the round: only an engine that delivers each result as soon as it is
+    done lets the round finish (one that waits for every worker first never opens the gate)."""
+
+    def __init__(self, *, gate: str, wait_client: int = 1, wait_s: float = 20.0, **fedavg) -> None:
+        super().__init__(**fedavg)
+        self.gate, self.wait_client, self.wait_s = gate, wait_client, wait_s
+
+    def local_update(self, client, message):
+        if client.client_id == self.wait_client:
+            deadline = time.monotonic() + self.wait_s
+            while not os.path.exists(self.gate):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"client {client.client_id}: no other client was folded first")
+                time.sleep(0.05)
+        return super().local_update(client, message)
+
+    def fold(self, round_idx, client_id, message):
+        if client_id != self.wait_client:
+            open(self.gate, "a").close()  # rank 0 folded this client while the other worker still runs
+        return super().fold(round_idx, client_id, message)

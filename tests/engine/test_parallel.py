@@ -106,6 +106,16 @@ def test_worker_failure_stops_the_run(run_fedtune, how, error, message):
     assert not _worker_processes()
 
 
+def test_results_stream_to_rank_0_as_each_client_finishes(run_fedtune, tmp_path):
+    # 3 clients on 2 workers: [0, 2] and [1]. Client 2's update waits until rank 0 has folded client 0's,
+    # done just before on the same worker: both the worker and rank 0 must pass each result on at once.
+    assert assign_clients({0: 20, 1: 20, 2: 20}, 2) == [[0, 2], [1]]
+    gate = tmp_path / "gate"
+    _, out = run_fedtune(*PARALLEL, "strategy._target_=parallel_faults.GatedFedAvg", f"+strategy.gate={gate}",
+                         "+strategy.wait_client=2", "num_clients=3", "num_rounds=1")
+    assert gate.exists() and len(read_metrics(out)) == 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

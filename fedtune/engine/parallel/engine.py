@@ -16,7 +16,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from fedtune.comm.channel import Message
-from fedtune.engine.parallel.messages import ClientJob, Failed, Hello, Ready, Results, Round, Stop
+from fedtune.engine.parallel.messages import ClientDone, ClientJob, Failed, Hello, Ready, Round, Stop
 from fedtune.engine.parallel.process import (
     cores,
     reap,
@@ -24,7 +24,7 @@ from fedtune.engine.parallel.process import (
     spawn,
     under_torchrun,
 )
-from fedtune.engine.parallel.transport import FOREVER, calls, recv_obj, send_obj, to_cpu
+from fedtune.engine.parallel.transport import FOREVER, calls, recv_obj, send_obj, streams, to_cpu
 from fedtune.engine.parallel.worker import fingerprint, inherit, same_world, serve_spawned_worker
 from fedtune.errors import ConfigError, WorkerError
 
@@ -154,8 +154,11 @@ class ParallelEngine:
         """The round's clients on the workers; yields ``(client_id, result)`` in the order of ``downloads``.
 
         Every download is taken first (each worker gets its share of the round at once: clients
-        balanced by shard size), the results come back when every worker has returned, and each
-        client's store entry and mid-update channel records are written into rank 0's as it is yielded.
+        balanced by shard size). Each worker reports every client as soon as it is done; a client is
+        yielded as soon as it and every client before it in the downloads' order have been reported
+        (so the caller's uplink and fold overlap the workers' remaining updates, in the same order as
+        the sequential engine's), and its store entry and mid-update channel records are written into
+        rank 0's as it is yielded.
 
         ``strategy`` is rank 0's; each worker runs its own, set up from the same config (so
         ``local_update`` may read only what ``setup`` set, and the message). A strategy whose
@@ -173,15 +176,43 @@ class ParallelEngine:
         plan = {rank: cids for rank, cids in zip(self.ranks, assign_clients(sizes, len(self.ranks))) if cids}
         jobs = {rank: Round(round_idx, [ClientJob(cid, messages[cid], to_cpu(store.get(cid))) for cid in cids])
                 for rank, cids in plan.items()}
-        replies: dict[int, Results] = self._exchange(jobs, list(plan), f"in round {round_idx}")
-        done = {d.client_id: d for results in replies.values() for d in results.done}
-        for cid in messages:
-            live = store.get(cid)  # updated in place, as a sequential update mutates the live entry
-            live.clear()
-            live.update(done[cid].entry)
-            store.put(cid, live)
-            self.runtime.channel.transfers.extend(done[cid].transfers)
-            yield cid, done[cid].result
+        order, arrived = list(messages), {}
+        for done in self._stream(jobs, {rank: len(job.jobs) for rank, job in jobs.items()}, f"in round {round_idx}"):
+            arrived[done.client_id] = done
+            while order and order[0] in arrived:  # in the order of the downloads, each as soon as it can be
+                cid = order.pop(0)
+                done = arrived.pop(cid)
+                live = store.get(cid)  # updated in place, as a sequential update mutates the live entry
+                live.clear()
+                live.update(done.entry)
+                store.put(cid, live)
+                self.runtime.channel.transfers.extend(done.transfers)
+                yield cid, done.result
+
+    def _stream(self, sends: dict[int, Round], counts: dict[int, int], when: str) -> Iterator[ClientDone]:
+        """Send each rank its share of the round, then yield each client's :class:`ClientDone` as its
+        worker reports it; the first failure, death or timeout raises as :meth:`_exchange` does."""
+        watch, deadline = partial(self._check_alive, when), self._deadline()
+        try:
+            for _ in calls({r: partial(send_obj, obj, r) for r, obj in sends.items()}, watch=watch, deadline=deadline):
+                pass
+            error = None
+            for _, msg in streams(counts, until=lambda m: isinstance(m, Failed), watch=watch, deadline=deadline):
+                if isinstance(msg, Failed):
+                    error = error or (ConfigError(msg.text) if msg.config_error else WorkerError(msg.text))
+                    if not under_torchrun():  # close() terminates the others; torchrun's ranks must finish
+                        break
+                elif error is None:
+                    yield msg
+            if error is not None:
+                raise error
+        except TimeoutError:
+            self._failed = True
+            raise WorkerError(f"no reply from the workers {when} within engine.timeout_s={self.timeout_s} s "
+                               "(hung?)") from None
+        except BaseException:
+            self._failed = True
+            raise
 
     def _exchange(self, sends: dict[int, Any], recv_from: list[int], when: str) -> dict[int, Any]:
         """Send each rank its object, then one reply from each of ``recv_from``.

@@ -2,7 +2,8 @@
 
 rank 0 -> worker: :class:`Hello` (a job: build the world), then :class:`Round` per round, then
 :class:`Stop` (this job is over; under torchrun another may follow) or :class:`Exit` (torchrun: no more jobs).
-worker -> rank 0: :class:`Ready` after building, :class:`Results` per round, or :class:`Failed`.
+worker -> rank 0: :class:`Ready` after building, then per round one :class:`ClientDone` per client as it
+finishes, or a :class:`Failed` (nothing of that round follows it).
 """
 
 from __future__ import annotations
@@ -47,11 +48,6 @@ class ClientDone:
     result: ClientResult
     entry: dict[str, Any]  # the client's store entry after its update
     transfers: list[Transfer] = field(default_factory=list)  # channel records during the update
-
-
-@dataclass
-class Results:
-    done: list[ClientDone]
 
 
 @dataclass

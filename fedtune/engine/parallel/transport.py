@@ -47,6 +47,61 @@ def recv_obj(src: int) -> Any:
     return pickle.loads(data.numpy().tobytes())
 
 
+def streams(counts: dict[int, int], *, until: Callable[[Any], bool], watch: Callable[[], None],
+            deadline: float = float("inf")) -> Iterator[tuple[int, Any]]:
+    """Receive ``counts[rank]`` objects from each rank, each on its own daemon thread; yield
+    ``(rank, object)`` as they arrive (in arrival order), calling ``watch()`` while waiting. A rank's
+    stream ends early after an object for which ``until(object)`` is true (e.g. a failure report)."""
+    def receive(rank: int, count: int) -> Iterator[Any]:
+        for _ in range(count):
+            obj = recv_obj(rank)
+            yield obj
+            if until(obj):
+                return
+
+    inbox: queue.Queue = queue.Queue()
+
+    def target(rank: int, count: int) -> None:
+        try:
+            for obj in receive(rank, count):
+                inbox.put((rank, obj, None))
+        except Exception as err:  # e.g. gloo's "Connection closed by peer"
+            inbox.put((rank, None, err))
+        inbox.put((rank, _END, None))
+
+    for rank, count in counts.items():
+        threading.Thread(target=target, args=(rank, count), daemon=True).start()
+    open_streams = len(counts)
+    while open_streams:
+        rank, obj, err = _next(inbox, watch, deadline)
+        if err is not None:
+            _explain(rank, err, watch)
+        if obj is _END:
+            open_streams -= 1
+        else:
+            yield rank, obj
+
+
+_END = object()  # a receiving thread's last put
+
+
+def _next(inbox: queue.Queue, watch: Callable[[], None], deadline: float) -> tuple[int, Any, Exception | None]:
+    while True:
+        try:
+            return inbox.get(timeout=POLL_S)
+        except queue.Empty:
+            watch()
+            if time.monotonic() > deadline:
+                raise TimeoutError from None
+
+
+def _explain(key: int, err: Exception, watch: Callable[[], None]) -> None:
+    for _ in range(20):  # a peer's exit code explains a broken connection better than gloo does
+        time.sleep(POLL_S)
+        watch()
+    raise ConnectionError(f"lost the connection to rank {key}: {str(err).splitlines()[0]}") from err
+
+
 def calls(calls: dict[int, Callable[[], Any]], *, watch: Callable[[], None],
            deadline: float = float("inf")) -> Iterator[tuple[int, Any]]:
     """Run each call on a daemon thread; yield ``(key, value)`` as they finish, calling ``watch()``
@@ -62,17 +117,7 @@ def calls(calls: dict[int, Callable[[], Any]], *, watch: Callable[[], None],
     for key, fn in calls.items():
         threading.Thread(target=target, args=(key, fn), daemon=True).start()
     for _ in calls:
-        while True:
-            try:
-                key, value, err = inbox.get(timeout=POLL_S)
-                break
-            except queue.Empty:
-                watch()
-                if time.monotonic() > deadline:
-                    raise TimeoutError from None
+        key, value, err = _next(inbox, watch, deadline)
         if err is not None:
-            for _ in range(20):  # a peer's exit code explains a broken connection better than gloo does
-                time.sleep(POLL_S)
-                watch()
-            raise ConnectionError(f"lost the connection to rank {key}: {str(err).splitlines()[0]}") from err
+            _explain(key, err, watch)
         yield key, value

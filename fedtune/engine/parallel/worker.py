@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,6 @@ from fedtune.engine.parallel.messages import (
     Failed,
     Hello,
     Ready,
-    Results,
     Round,
     Stop,
 )
@@ -121,7 +120,8 @@ def _serve(rank: int, watch: Callable[[], None], *, threads: int, local_rank: in
     except Exception as err:
         send(_failed(err, f"worker {rank} failed to start"))
     while isinstance(msg := recv(), Round):
-        send(_run_jobs(runtime, strategy, rank, round_idx=msg.round_idx, jobs=msg.jobs))
+        for reply in _run_jobs(runtime, strategy, rank, round_idx=msg.round_idx, jobs=msg.jobs):
+            send(reply)  # each client's result as soon as it is done: rank 0 folds it while we go on
     return isinstance(msg, Stop)
 
 
@@ -137,9 +137,9 @@ def _build(hello: Hello, local_rank: int) -> tuple[ClientRuntime, Updater]:
 
 
 def _run_jobs(runtime: ClientRuntime | None, strategy: Updater | None, rank: int, *, round_idx: int,
-              jobs: list[ClientJob]) -> Results | Failed:
-    """This worker's clients of the round, back to back."""
-    done = []
+              jobs: list[ClientJob]) -> Iterator[ClientDone | Failed]:
+    """This worker's clients of the round, back to back: one :class:`ClientDone` per client as it
+    finishes, or a :class:`Failed` (and nothing after it)."""
     for job in jobs:
         try:
             assert runtime is not None and strategy is not None, "the worker did not start"
@@ -151,10 +151,11 @@ def _run_jobs(runtime: ClientRuntime | None, strategy: Updater | None, rank: int
             del runtime.channel.transfers[before:]
             assert result.message is not None
             result.message.tensors = to_cpu(result.message.tensors)
-            done.append(ClientDone(job.client_id, result, to_cpu(runtime.store.get(job.client_id)), transfers))
+            done = ClientDone(job.client_id, result, to_cpu(runtime.store.get(job.client_id)), transfers)
         except Exception as err:
-            return _failed(err, f"worker {rank} failed on client {job.client_id} in round {round_idx}")
-    return Results(done)
+            yield _failed(err, f"worker {rank} failed on client {job.client_id} in round {round_idx}")
+            return
+        yield done
 
 
 def _failed(err: Exception, where: str) -> Failed:
