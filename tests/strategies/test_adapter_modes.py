@@ -126,6 +126,10 @@ def test_sb_server_holds_the_factors_its_clients_decoded():
     down = sim.channel.send(messages[0], round_idx=1, client_id=0, direction="down")
     assert all(torch.equal(down.tensors[k], server[k]) for k in server)
     assert any(not torch.equal(exact[k], server[k]) for k in server)  # int8 did change them
+    worker = Sim("lora.mode=sb", "comm.down=int8")  # another process's resident model: still plain LoRA
+    worker.runtime.run(sim.strategy, round_idx=1, client_id=0, message=down)
+    loaded = get_frozen_state(worker.model)
+    assert loaded.keys() == server.keys() and all(torch.equal(v, server[k]) for k, v in loaded.items())
     sim.round(1, messages=messages)
     entry = sim.runtime.store.get(1)["sb_factors"]
     assert all(torch.equal(entry[k], server[k]) for k in server)
