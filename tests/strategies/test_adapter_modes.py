@@ -133,6 +133,10 @@ def test_sb_server_holds_the_factors_its_clients_decoded():
     sim.round(1, messages=messages)
     entry = sim.runtime.store.get(1)["sb_factors"]
     assert all(torch.equal(entry[k], server[k]) for k in server)
+    restored = Sim("lora.mode=sb", "comm.down=int8")  # resume: a fresh server process loads the checkpoint
+    restored.strategy.load_state_dict(sim.strategy.state_dict())
+    again = get_frozen_state(restored.model)
+    assert again.keys() == server.keys() and all(torch.equal(v, server[k]) for k, v in again.items())
 
 
 def test_sb_end_to_end_three_rounds(run_fedtune):
