@@ -70,6 +70,9 @@ def validate(cfg: DictConfig) -> None:
 
     for direction in ("up", "down"):
         make_codec(cfg.comm[direction], key=f"comm.{direction}")
+    for kind in ("activations", "gradients"):  # split learning's mid-update traffic; null: comm.up / comm.down
+        if cfg.comm.get(kind) is not None:
+            make_codec(cfg.comm[kind], key=f"comm.{kind}")
     for key, allowed in (("wire", WIRES), ("entropy", ENTROPY)):
         value = cfg.comm.get(key, allowed[0])
         _require(value in allowed, f"comm.{key}={value}: must be one of {', '.join(allowed)}")

@@ -102,10 +102,16 @@ def local_config(cfg: DictConfig) -> LocalConfig:
                                                     "grad_clip", "max_seq_len")})
 
 
+MID_UPDATE_KINDS = ("activations", "gradients")  # comm.<kind>: a codec for that traffic instead of comm.up/down
+
+
 def make_channel(cfg: DictConfig) -> Channel:
+    kinds = {kind: make_codec(cfg.comm[kind], key=f"comm.{kind}", seed=cfg.seed)
+             for kind in MID_UPDATE_KINDS if cfg.comm.get(kind) is not None}
     return Channel(up=make_codec(cfg.comm.up, key="comm.up", seed=cfg.seed),
                    down=make_codec(cfg.comm.down, key="comm.down", seed=cfg.seed),
-                   wire=str(cfg.comm.get("wire", "safetensors")), entropy=str(cfg.comm.get("entropy", "none")))
+                   wire=str(cfg.comm.get("wire", "safetensors")), entropy=str(cfg.comm.get("entropy", "none")),
+                   kinds=kinds)
 
 
 def client_runtime(cfg: DictConfig, world: World, *, store: ClientStore, channel: Channel) -> ClientRuntime:

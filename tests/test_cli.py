@@ -25,6 +25,7 @@ BAD = [
     (["clients_per_round=5"], "clients_per_round=5"),
     (["local.lr=-0.1"], "local.lr=-0.1"),
     (["comm.up=zip"], "comm.up=zip"),
+    (["-m", "strategy=split", "comm.activations=fp16,int9", *FAST, "num_rounds=1"], "comm.activations=int9"),
     (["-m", "lora.r=4,0"], "lora.r=0"),
     (["+clients.dropout=0.5"], "clients.dropout: no such config key, and nothing reads it"),
     (["-m", "model=smollm2-135m", "model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct,/nonexistent/model"],

@@ -83,17 +83,20 @@ class Channel:
 
     Args:
         up, down: the codecs (default: none).
+        kinds: codecs for some kinds of traffic instead of their direction's (``comm.activations``,
+            ``comm.gradients``: split learning's mid-update traffic), e.g. ``{"activations": Cast(fp16)}``.
         wire: ``safetensors`` (a JSON header per payload) or ``compact`` (:mod:`fedtune.comm.wire`).
         entropy: ``none`` or ``zstd`` (:mod:`fedtune.comm.entropy`) on the serialized payload.
     """
 
     def __init__(self, *, up: Codec | None = None, down: Codec | None = None, wire: str = "safetensors",
-                 entropy: str = "none") -> None:
+                 entropy: str = "none", kinds: dict[str, Codec] | None = None) -> None:
         if wire not in WIRES:
             raise ConfigError(f"comm.wire={wire}: unknown wire format; use {' or '.join(WIRES)}")
         if entropy not in ENTROPY:
             raise ConfigError(f"comm.entropy={entropy}: unknown entropy coder; use {' or '.join(ENTROPY)}")
         self.codecs = {"up": up or Identity(), "down": down or Identity()}
+        self.kinds = dict(kinds or {})
         self.wire, self.entropy = wire, entropy
         self.transfers: list[Transfer] = []
         self.tables: dict[tuple[int, str], compact.Table] = {}  # compact wire: the receivers' tables
@@ -104,7 +107,7 @@ class Channel:
         if message.is_empty():  # nothing crosses the network
             return Message(pool=message.pool)
         start = time.perf_counter()
-        codec = self.codecs[direction]
+        codec = self.kinds.get(kind) or self.codecs[direction]
         encoded, codec_meta = codec.encode(message.tensors)
         if self.wire == "compact":
             table = self.tables.setdefault((client_id, direction), compact.Table())

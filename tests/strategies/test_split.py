@@ -222,3 +222,37 @@ def test_tied_split_bytes_per_step_and_instrumentation_by_hand():
     assert rep.num_tokens == tokens and rep.round_trips == 3 + 1
     assert rep.flops == 6 * k * per_layer * tokens  # the client: its layers (the embedding is a lookup)
     assert rep.server_flops == 6 * ((layers - k) * per_layer + H + V * H) * tokens  # + final norm + tied head
+
+
+def test_mid_update_traffic_has_its_own_codecs(run_fedtune):
+    # comm.activations / comm.gradients replace comm.up / comm.down for split's per-step traffic only.
+    from conftest import FAST
+
+    from fedtune.config import compose_config
+    from fedtune.seeding import Purpose, generator
+    from fedtune.train.local import batch_order
+    from fedtune.world import build_world
+
+    base = ["strategy=split", "strategy.split_layer=2", "num_rounds=1", "local.max_steps=2"]
+    _, plain_out = run_fedtune(*base)
+    overrides = [*base, "comm.up=int8", "comm.activations=fp16", "comm.gradients=bf16"]
+    _, out = run_fedtune(*overrides)
+    plain, row = read_metrics(plain_out)[0], read_metrics(out)[0]
+    cfg = compose_config([*FAST, *overrides])
+    world = build_world(cfg, device=torch.device("cpu"))
+    hidden = cfg.model.builder.hidden_size
+    up = down = 0
+    for cid, shard in world.shards.items():  # by hand: the activations cast to fp16 (their dtype in the meta)
+        for idx in batch_order(shard, batch_size=cfg.local.batch_size, num_steps=2,
+                               generator=generator(0, 0, cid, Purpose.TRAIN)):
+            b, t = collate(world.task.train, idx, pad_id=world.tokenizer.pad_token_id)["input_ids"].shape
+            up += len(save({"activations": torch.zeros(b, t, hidden, dtype=torch.float16),
+                            "attention_mask": torch.zeros(b, t, dtype=torch.long),
+                            "labels": torch.zeros(b, t, dtype=torch.long)},
+                           metadata={"meta": "{}", "codec": json.dumps({"activations": "float32"})}))
+            down += len(save({"grad": torch.zeros(b, t, hidden, dtype=torch.bfloat16)},
+                             metadata={"meta": json.dumps({"loss": 1.0}), "codec": json.dumps({"grad": "float32"})}))
+    assert row["comm/up/activations_bytes"] == up < 0.6 * plain["comm/up/activations_bytes"]
+    assert 0 <= row["comm/down/gradients_bytes"] - down <= 4 * 24
+    assert row["comm/up/model_bytes"] < 0.4 * plain["comm/up/model_bytes"]  # the adapter still goes as int8
+    assert row["train/loss"] != plain["train/loss"]  # the server trained on rounded activations
