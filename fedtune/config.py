@@ -70,6 +70,16 @@ def validate(cfg: DictConfig) -> None:
 
     for direction in ("up", "down"):
         make_codec(cfg.comm[direction], key=f"comm.{direction}")
+    budget = cfg.comm.get("budget_bytes")
+    if budget is not None:
+        _require(isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1,
+                 f"comm.budget_bytes={budget}: must be a positive number of bytes per upload (or null)")
+        _require(str(cfg.comm.up).lower() in ("none", "fp32"),
+                 f"comm.up={cfg.comm.up}: comm.budget_bytes picks the uplink codec from comm.ladder; "
+                 "leave comm.up=none (or put the codec in comm.ladder)")
+        from fedtune.comm.budget import Budget
+
+        Budget(list(cfg.comm.get("ladder") or []), budget_bytes=budget)  # each rung's spec is valid
     for kind in ("activations", "gradients"):  # split learning's mid-update traffic; null: comm.up / comm.down
         if cfg.comm.get(kind) is not None:
             make_codec(cfg.comm[kind], key=f"comm.{kind}")

@@ -16,7 +16,9 @@ from transformers import PreTrainedTokenizerBase
 
 from fedtune.client.runtime import ClientRuntime, LocalConfig
 from fedtune.client.store import ClientStore
+from fedtune.comm.budget import Budget
 from fedtune.comm.channel import Channel
+from fedtune.comm.codec import Codec
 from fedtune.comm.spec import make_codec
 from fedtune.config import build, to_container
 from fedtune.data.schema import Splits
@@ -108,10 +110,13 @@ MID_UPDATE_KINDS = ("activations", "gradients")  # comm.<kind>: a codec for that
 def make_channel(cfg: DictConfig) -> Channel:
     kinds = {kind: make_codec(cfg.comm[kind], key=f"comm.{kind}", seed=cfg.seed)
              for kind in MID_UPDATE_KINDS if cfg.comm.get(kind) is not None}
-    return Channel(up=make_codec(cfg.comm.up, key="comm.up", seed=cfg.seed),
-                   down=make_codec(cfg.comm.down, key="comm.down", seed=cfg.seed),
-                   wire=str(cfg.comm.get("wire", "safetensors")), entropy=str(cfg.comm.get("entropy", "none")),
-                   kinds=kinds)
+    wire, entropy = str(cfg.comm.get("wire", "safetensors")), str(cfg.comm.get("entropy", "none"))
+    up: Codec = make_codec(cfg.comm.up, key="comm.up", seed=cfg.seed)
+    if cfg.comm.get("budget_bytes") is not None:  # the uplink codec is chosen per upload from the ladder
+        up = Budget(list(cfg.comm.ladder), budget_bytes=int(cfg.comm.budget_bytes), wire=wire, entropy=entropy,
+                    seed=cfg.seed)
+    return Channel(up=up, down=make_codec(cfg.comm.down, key="comm.down", seed=cfg.seed), wire=wire,
+                   entropy=entropy, kinds=kinds)
 
 
 def client_runtime(cfg: DictConfig, world: World, *, store: ClientStore, channel: Channel) -> ClientRuntime:
