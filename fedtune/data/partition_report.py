@@ -193,9 +193,10 @@ class Drawing:
     """A figure file drawn by a forked child process while the caller goes on.
 
     The partition heatmap costs about a second on CPU (importing matplotlib, then rendering), all
-    before the first round when drawn in line; a child forked from the run draws it on the other core
-    instead. :meth:`wait` joins the child and returns the file (None, with a warning, when drawing
-    failed: a figure never stops a run). Where ``fork`` does not exist it draws in line.
+    before the first round when drawn in line; a child forked from the run, at the lowest priority
+    (``nice 19``), draws it in the time the run leaves a core idle instead. :meth:`wait` joins the
+    child and returns the file (None, with a warning, when drawing failed: a figure never stops a
+    run). Where ``fork`` does not exist it draws in line.
     """
 
     def __init__(self, draw: Callable[[Path], Path], path: str | Path) -> None:
@@ -223,8 +224,11 @@ class Drawing:
 
 
 def _draw_child(draw: Callable[[Path], Path], path: Path) -> None:
-    """In the forked child: Ctrl-C is the run's to handle; a failure is one line, never a traceback."""
+    """In the forked child: Ctrl-C is the run's to handle; a failure is one line, never a traceback.
+    Lowest CPU priority: it draws in the cores' idle time and never slows the rounds it overlaps
+    (whose wall-clock times are metrics)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(19)
     try:
         draw(path)
     except Exception as err:
