@@ -102,7 +102,7 @@ def plain(overrides: list[str]) -> None:
                         batch_order(shards[cid], batch_size=cfg.local.batch_size, num_steps=steps, generator=gen)]
         rounds.append(batches)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.local.lr)
+    optimizer = torch.optim.AdamW(params, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)  # as the clients
     model.train()
     seconds = []
     for batches in rounds:
