@@ -2,6 +2,15 @@
 
     python scripts/bench_compression.py [--rounds 10] [--part all|compression|schedules]
                                         [--out docs/bench_compression.md] [override ...]
+    python scripts/bench_compression.py --part frontier --task sst2 [--seeds 0,1,2] [--settings a,b]
+                                        [--results docs/results/frontier] [--out docs/compression.md]
+
+Part 3 (``frontier``, pretrained models): every setting of :data:`SETTINGS` against fp32 FedAvg of the
+same adapter, same rounds and seeds, on MiniLM + a classification head (SST-2, Banking77; 10 clients,
+Dirichlet label skew) or SmolLM2-135M on CounselChat (eval loss). Each (setting, seed) run's rows are
+kept as JSON under ``--results`` (a rerun skips what is there); the table gives bytes up and down (all
+the channel counted, both directions, including one-time name tables), the uplink ratio to fp32, and
+the final accuracy (points) or eval loss (%) with its change, mean +- std over the seeds.
 
 With ``--part`` and an existing ``--out`` file, only that part's section of the file is rewritten.
 
@@ -85,9 +94,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
-    parser.add_argument("--part", choices=["all", "compression", "schedules"], default="all")
+    parser.add_argument("--part", choices=["all", "compression", "schedules", "frontier"], default="all")
+    parser.add_argument("--task", choices=sorted(TASKS), default="sst2", help="frontier: the pretrained task")
+    parser.add_argument("--seeds", default="0,1,2", help="frontier: comma-separated seeds")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="frontier: comma-separated settings")
+    parser.add_argument("--results", default="docs/results/frontier", help="frontier: per-run JSON (reused)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.part == "frontier":
+        names = ["fp32", *[n for n in args.settings.split(",") if n != "fp32"]]
+        runs = frontier_runs(args.task, names, [int(s) for s in args.seeds.split(",")], args.rounds,
+                             Path(args.results), args.overrides)
+        lines, points = frontier_table(args.task, runs)
+        figure = Path("docs/figures") / f"compression_{args.task}.png"
+        pareto_figure(args.task, points, figure)
+        base = [*FRONTIER_BASE, *TASKS[args.task], f"num_rounds={args.rounds}", *args.overrides]
+        section = "\n".join([f"## Frontier: {args.task}", "", f"Common overrides: `{' '.join(base)}`; compressed "
+                             f"settings add `{' '.join(COMPACT)}`.", "", *lines, "", f"![{args.task}]({figure.relative_to('docs')})", ""])
+        sys.stdout.write(section)
+        if args.out:
+            out = Path(args.out)
+            out.write_text(replace_section(out.read_text(), f"## Frontier: {args.task}", section)
+                           if out.exists() else section)
+        return
     base = ["logger=none", f"num_rounds={args.rounds}", "eval.every=1", "eval.bleu_samples=0", "threads=1",
             "checkpoint.every=0", *args.overrides]
     parts = []
@@ -102,6 +131,123 @@ def main() -> None:
         if args.part != "all" and out.exists():  # replace only this part's section, keep the other
             text = replace_section(out.read_text(), parts[0], text)
         out.write_text(text)
+
+
+# The pretrained tasks (the issue-16 benchmark): data by path from ../shared/data, sized to minutes a run.
+TASKS = {
+    "sst2": ["model=minilm", "data=sst2", "data.path=../shared/data/glue/SST-2", "data.classify_with=head",
+             "data.max_train_samples=4000", "local.max_seq_len=64"],
+    "banking77": ["model=minilm", "data=banking77", "data.path=../shared/data/banking77", "data.classify_with=head",
+                  "data.max_train_samples=4000", "data.max_eval_samples=1000", "local.max_seq_len=32"],
+    "counsel_chat": ["model=smollm2-135m", "data=counsel_chat", "data.path=../shared/data/counsel_chat",
+                     "data.max_train_samples=400", "data.max_eval_samples=64", "local.max_seq_len=128",
+                     "local.batch_size=4", "local.max_steps=4", "num_clients=4"],
+}
+FRONTIER_BASE = ["logger=none", "num_clients=10", "partition=dirichlet", "partition.alpha=1.0", "local.batch_size=16",
+                 "local.max_steps=10", "eval.every=1", "eval.bleu_samples=0", "checkpoint.every=0", "lora.r=8",
+                 "lora.dropout=0"]
+COMPACT = ["comm.wire=compact", "comm.entropy=zstd", "comm.error_feedback=true", "strategy=gradualdiff",
+           "strategy.weighting=examples", "eval.every=0"]  # evaluated after the last round (fp32: every round)
+# name -> overrides; "fp32" is the baseline every ratio and delta is taken against.
+SETTINGS = {
+    "fp32": ["strategy=fedavg"],
+    "int8": [*COMPACT, "comm.up=int8"],
+    "nf4": [*COMPACT, "comm.up=nf4"],
+    "int2": [*COMPACT, "comm.up=int2"],
+    "sign": [*COMPACT, "comm.up=sign"],
+    "ffa+int2": [*COMPACT, "comm.up=int2", "lora.mode=ffa"],
+    "ffa+sign": [*COMPACT, "comm.up=sign", "lora.mode=ffa"],
+    "topk0.05+int2": [*COMPACT, "comm.up=topk0.05+int2"],
+    "topk0.02+sign": [*COMPACT, "comm.up=topk0.02+sign"],
+    "sb+int8": [*COMPACT, "comm.up=int8", "lora.mode=sb"],
+    "sb+sign": [*COMPACT, "comm.up=sign", "lora.mode=sb"],
+}
+
+
+def frontier_runs(task: str, settings: list[str], seeds: list[int], rounds: int, results: Path,
+                  extra: list[str]) -> dict[str, list[list[dict]]]:
+    """Each setting's per-seed metrics rows (run now, or read back from ``results``)."""
+    out: dict[str, list[list[dict]]] = {}
+    for name in settings:
+        for seed in seeds:
+            path = results / task / f"{name}-seed{seed}.json"
+            if not path.exists():
+                overrides = [*FRONTIER_BASE, *TASKS[task], f"num_rounds={rounds}", f"seed={seed}", *SETTINGS[name],
+                             *extra]
+                rows = metrics(overrides)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"overrides": overrides, "rows": rows}))
+            out.setdefault(name, []).append(json.loads(path.read_text())["rows"])
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
+def frontier_table(task: str, runs: dict[str, list[list[dict]]]) -> tuple[list[str], list[dict]]:
+    """Markdown rows and the points of the Pareto figure."""
+    classify = "eval/accuracy" in runs["fp32"][0][-1]
+    key = "eval/accuracy" if classify else "eval/loss"
+
+    def quality(rows: list[dict]) -> float:
+        return 100 * rows[-1][key] if classify else rows[-1][key]
+
+    ref_up = _mean_std([sum(r["comm/up_bytes"] for r in rows) for rows in runs["fp32"]])[0]
+    ref_q = [quality(rows) for rows in runs["fp32"]]
+    unit = "accuracy (%)" if classify else "eval loss"
+    lines = [f"| setting | seeds | bytes up | bytes down | up vs fp32 | final {unit} | change vs fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    points = []
+    for name, seeded in runs.items():
+        up = _mean_std([sum(r["comm/up_bytes"] for r in rows) for rows in seeded])[0]
+        down = _mean_std([sum(r["comm/down_bytes"] for r in rows) for rows in seeded])[0]
+        q = _mean_std([quality(rows) for rows in seeded])
+        # the change per seed (same seed, same partition and init), then its mean and std
+        deltas = [quality(rows) - ref for rows, ref in zip(seeded, ref_q)]
+        if not classify:
+            deltas = [100 * d / ref for d, ref in zip(deltas, ref_q)]
+        d = _mean_std(deltas)
+        change = f"{d[0]:+.2f} ± {d[1]:.2f} {'pt' if classify else '%'}" if name != "fp32" else "-"
+        lines.append(f"| {name} | {len(seeded)} | {up:,.0f} | {down:,.0f} | {ref_up / up:.1f}x | "
+                     f"{q[0]:.2f} ± {q[1]:.2f} | {change} |")
+        points.append({"name": name, "ratio": ref_up / up, "change": d[0], "std": d[1]})
+    majority = runs["fp32"][0][0].get("eval/majority_accuracy")
+    if classify:
+        curve = [_mean_std([100 * rows[i][key] for rows in runs["fp32"]])[0] for i in range(len(runs["fp32"][0]))]
+        lines += ["", "fp32 FedAvg accuracy by round (mean over seeds): "
+                  + ", ".join(f"{v:.1f}" for v in curve) + (f"; majority class {100 * majority:.1f}%"
+                                                             if majority is not None else "")]
+    return lines, points
+
+
+def pareto_figure(task: str, points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in points:
+        ax.errorbar(p["ratio"], p["change"], yerr=p["std"], fmt="o", capsize=3)
+        ax.annotate(p["name"], (p["ratio"], p["change"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for name, ratio in PUBLISHED.items():
+        ax.axvline(ratio, color="grey", lw=0.6, ls=":")
+        ax.text(ratio, ax.get_ylim()[0], name, rotation=90, fontsize=6, va="bottom", color="grey")
+    ax.axhline(-1.0, color="red", lw=0.6, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("uplink bytes: fp32 FedAvg / setting")
+    ax.set_ylabel("change vs fp32 (points)")
+    ax.set_title(f"{task}: bytes vs quality (mean ± std over seeds)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+# Published uplink reductions at no accuracy cost that keep LoRA (issue 16's list), for the figure.
+PUBLISHED = {"EcoLoRA 9x": 9.0, "NVFlare nf4 7.1x": 7.1, "FLASC/FedSRD/FedTT ~10x": 10.0}
 
 
 def replace_section(doc: str, heading: str, section: str) -> str:
