@@ -93,7 +93,7 @@ def build_world(cfg: DictConfig, *, device: torch.device) -> World:
     server = ServerContext(model=model, tokenizer=tokenizer, task=task, device=device, local=local_config(cfg),
                            seed=int(cfg.seed), synchronous=cfg.schedule.mode == "sync",
                            down_codec=make_codec(cfg.comm.down, key="comm.down", seed=cfg.seed), down_delta=down_delta,
-                           lora_mode=lora_mode)
+                           lora_mode=lora_mode, sb_init=str(cfg.lora.get("sb_init", "svd")))
     strategy.setup(initial_state=get_trainable_state(model), num_clients=cfg.num_clients, server=server)
     return world
 

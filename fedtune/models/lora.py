@@ -13,7 +13,10 @@ tensors that share memory with the live model, and a payload must never alias th
   (mean B_i) A, exact.
 - ``sb`` (Fed-SB, Singhal et al. 2025, simplified): plain LoRA until :func:`to_sb` freezes A and B and puts a
   trainable r x r matrix R between them (``W0 + B R A``, R = I so the model is unchanged); from then on the
-  trainable state is the R matrices, and the mean of B R_i A is B (mean R_i) A, exact.
+  trainable state is the R matrices, and the mean of B R_i A is B (mean R_i) A, exact. Before freezing, the
+  server re-factors each layer's B A with :func:`sb_factorize` (``lora.sb_init=svd``, the default): B and A
+  get orthonormal columns and rows and R the singular values, so a step on R moves the adapted weight by the
+  same amount whatever the size B had reached (with R = I and B still near its zero start, it barely moves).
 
 Frozen factors are parameters with ``requires_grad=False``; their keys are left out of the trainable state.
 """
@@ -152,6 +155,17 @@ def to_sb(model: PeftModel) -> None:
             layer.lora_B[name] = sb = SBFactor(b)
             frozen += [a.weight, sb.weight]
     _freeze(model, frozen, mode="sb")
+
+
+def sb_factorize(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(a2, b2, r)`` with ``b2 @ r @ a2 == b @ a`` (to rounding), ``b2``'s columns and ``a2``'s rows
+    orthonormal and ``r`` the diagonal of ``b @ a``'s singular values (LoRA-SB's SVD initialisation, applied
+    to the adapted weight LoRA has learned). ``a``: r x in, ``b``: out x r. Computed in float64 from the
+    thin QR factors (an r x r SVD), returned in ``a``'s dtype."""
+    qb, rb = torch.linalg.qr(b.double())    # b = qb rb
+    qa, ra = torch.linalg.qr(a.double().T)  # a = ra^T qa^T
+    u, s, vh = torch.linalg.svd(rb @ ra.T)  # b a = qb (u s vh) qa^T
+    return (vh @ qa.T).to(a.dtype), (qb @ u).to(b.dtype), torch.diag(s).to(a.dtype)
 
 
 def get_frozen_state(model: torch.nn.Module) -> State:

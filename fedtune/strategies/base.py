@@ -72,6 +72,7 @@ class ServerContext:
             what a client decodes (``comm.down_delta``, Fed-SB's frozen factors).
         down_delta: ``comm.down_delta``: send each client the change since the state it holds.
         lora_mode: ``lora.mode`` (lora | ffa | sb).
+        sb_init: ``lora.sb_init`` (svd | identity): how Fed-SB's switch factors A, B and R.
     """
 
     model: torch.nn.Module
@@ -84,6 +85,7 @@ class ServerContext:
     down_codec: Codec | None = None
     down_delta: bool = False
     lora_mode: str = "lora"
+    sb_init: str = "svd"
 
     @property
     def pad_id(self) -> int:

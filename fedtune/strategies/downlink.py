@@ -10,7 +10,10 @@ Down, per client, per round (meta flags are a few bytes in the payload header):
   other keys: Fed-SB's switch) gets the full state. Tensors whose delta is exactly zero are not sent.
   The client keeps ``held`` in its store entry; the server keeps its table in ``state_dict`` (resume).
 - ``lora.mode=sb`` (Fed-SB, simplified): before round 1 (after the first aggregation of plain LoRA) the
-  server freezes the global A and B and the global state becomes the R matrices (identity at first). Each
+  server freezes the global A and B and the global state becomes the R matrices: with ``lora.sb_init=svd``
+  (default) each layer's B A is first re-factored as B' diag(s) A' (orthonormal B', A';
+  :func:`~fedtune.models.lora.sb_factorize`) and R starts at diag(s); with ``identity``, A and B are frozen
+  as they are and R starts at I. Either way the global model is unchanged. Each
   client receives the frozen factors once, on its first contact after the switch, and keeps them in its
   store entry; from then on only R (r x r per adapted layer) crosses the wire, both ways.
 """
@@ -18,19 +21,21 @@ Down, per client, per round (meta flags are a few bytes in the payload header):
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from fedtune.client.runtime import ClientContext
 from fedtune.comm.channel import Message
-from fedtune.models.lora import State, frozen_keys, get_trainable_state, set_frozen_state, to_sb
+from fedtune.models.lora import State, frozen_keys, get_trainable_state, sb_factorize, set_frozen_state, to_sb
 from fedtune.strategies.aggregate import add_scaled, subtract
 
 if TYPE_CHECKING:
     from fedtune.strategies.base import ServerContext
 
 SB_WARMUP_ROUNDS = 1  # rounds of plain LoRA before Fed-SB freezes A and B
+_R_KEY = re.compile(r"(.*)\.lora_B\.[^.]+\.R\.weight")  # Fed-SB's R -> the prefix of its layer's A and B keys
 
 
 class GlobalDownlink:
@@ -88,17 +93,25 @@ class GlobalDownlink:
         return {k: t.detach().clone() for k, t in decoded.items()}
 
     def _switch_to_sb(self) -> None:
-        """Freeze the global A and B (as clients will decode them) into the server's model; the global
-        state becomes R = I for every adapted layer (the model's outputs do not change)."""
+        """Freeze the global A and B (as clients will decode them; re-factored by SVD under
+        ``lora.sb_init=svd``) into the server's model; the global state becomes each adapted layer's R (I, or
+        the singular values), so the model's outputs do not change."""
         assert self.server is not None
         model = self.server.model
         to_sb(model)  # type: ignore[arg-type]  # the resident model is a PeftModel under lora.mode=sb
         keys = frozen_keys(model)
-        self._factors = {k: self.global_state[k] for k in sorted(keys)}
-        set_frozen_state(model, self._as_received(self._factors))
+        factors = {k: self.global_state[k] for k in sorted(keys)}
+        trainable = get_trainable_state(model)
+        start = {k: torch.eye(v.shape[0], dtype=v.dtype) for k, v in trainable.items() if _R_KEY.fullmatch(k)}
+        if getattr(self.server, "sb_init", "svd") == "svd":
+            for rk in start:
+                prefix = _R_KEY.fullmatch(rk).group(1)  # type: ignore[union-attr]  # start's keys all match
+                ak, bk = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+                factors[ak], factors[bk], start[rk] = sb_factorize(factors[ak], factors[bk])
+        self._factors = factors
+        set_frozen_state(model, self._as_received(factors))
         rest = {k: v for k, v in self.global_state.items() if k not in keys}
-        self.global_state = {k: rest[k] if k in rest else torch.eye(v.shape[0], dtype=v.dtype)
-                             for k, v in get_trainable_state(model).items()}
+        self.global_state = {k: rest[k] if k in rest else start[k] for k in trainable}
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()  # type: ignore[misc]

@@ -12,6 +12,7 @@ from fedtune.models.lora import (
     frozen_keys,
     get_frozen_state,
     get_trainable_state,
+    sb_factorize,
     set_frozen_state,
     set_trainable_state,
     to_sb,
@@ -124,6 +125,19 @@ def test_sb_forward_is_b_r_a_and_the_mean_of_r_is_exact():
             folded[k] = v
     set_trainable_state(plain, folded)
     assert torch.allclose(_logits(sb), _logits(plain), atol=1e-5)
+
+
+def test_sb_factorize_gives_orthonormal_factors_and_the_singular_values():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 12, generator=g), 0.01 * torch.randn(10, 4, generator=g)  # B small, as after a round
+    a2, b2, r = sb_factorize(a, b)
+    assert (a2.shape, b2.shape, r.shape) == (a.shape, b.shape, (4, 4))
+    assert torch.allclose(b2 @ r @ a2, b @ a, atol=1e-6)
+    assert torch.allclose(b2.T @ b2, torch.eye(4), atol=1e-5) and torch.allclose(a2 @ a2.T, torch.eye(4), atol=1e-5)
+    # R is diagonal with B A's singular values (from the full 10 x 12 matrix: a second path)
+    assert torch.allclose(r, torch.diag(torch.linalg.svdvals(b @ a)[:4]), atol=1e-6)
+    zero = sb_factorize(a, torch.zeros_like(b))  # B = 0 (no warm-up): R = 0, the factors still orthonormal
+    assert torch.equal(zero[2], torch.zeros(4, 4)) and torch.allclose(zero[1].T @ zero[1], torch.eye(4), atol=1e-5)
 
 
 def test_frozen_state_round_trips_and_checks_keys():

@@ -87,23 +87,40 @@ def test_ffa_uplink_is_the_b_bytes_counted_by_hand():
 
 # ---- Fed-SB
 
-def test_sb_switch_keeps_the_model_and_then_only_r_crosses():
-    sim = Sim("lora.mode=sb")
+@pytest.mark.parametrize("init", ["identity", "svd"])
+def test_sb_switch_keeps_the_model_and_then_only_r_crosses(init):
+    sim = Sim("lora.mode=sb", f"lora.sb_init={init}")
     _, ups = sim.round(0)
     ab_keys = set(sim.strategy.global_state)
+    ab = {k: v.clone() for k, v in sim.strategy.global_state.items()}
     assert all(ups[0].tensors.keys() == ab_keys for _ in ups)  # round 0: plain LoRA
     set_trainable_state(sim.model, sim.strategy.global_state)
     ids = torch.tensor([sim.world.task.eval.input_ids[0].tolist()])
     with torch.no_grad():
         before = sim.model(input_ids=ids).logits
-    messages = sim.strategy.broadcast(1, [0, 1])  # the switch: A, B frozen, R = I
+    messages = sim.strategy.broadcast(1, [0, 1])  # the switch: A, B frozen, R = I or B A re-factored
     r_keys = set(sim.strategy.global_state)
     assert r_keys and all(k.endswith(".lora_B.default.R.weight") for k in r_keys)
-    assert all(torch.equal(v, torch.eye(R)) for v in sim.strategy.global_state.values())
     assert frozen_keys(sim.model) == ab_keys
+    frozen = get_frozen_state(sim.model)
+    if init == "identity":
+        assert all(torch.equal(v, torch.eye(R)) for v in sim.strategy.global_state.values())
+        assert all(torch.equal(frozen[k], ab[k]) for k in ab_keys)
+    for rk, r in sim.strategy.global_state.items():
+        bk = rk.replace(".lora_B.default.R.weight", ".lora_B.weight")
+        ak = bk.replace("lora_B", "lora_A")
+        b2, a2 = frozen[bk].double(), frozen[ak].double()
+        assert torch.allclose(b2 @ r.double() @ a2, ab[bk].double() @ ab[ak].double(), atol=1e-6)  # the same weight
+        if init == "svd":  # orthonormal factors; R the singular values of B A (a second path: svdvals)
+            assert torch.allclose(b2.T @ b2, torch.eye(R, dtype=torch.float64), atol=1e-5)
+            assert torch.allclose(a2 @ a2.T, torch.eye(R, dtype=torch.float64), atol=1e-5)
+            s = torch.linalg.svdvals(ab[bk].double() @ ab[ak].double())[:R]
+            assert torch.allclose(r.double(), torch.diag(s), atol=1e-6)
+            assert s[0] > 0
     set_trainable_state(sim.model, sim.strategy.global_state)
     with torch.no_grad():
-        assert torch.equal(sim.model(input_ids=ids).logits, before)
+        after = sim.model(input_ids=ids).logits
+    assert torch.equal(after, before) if init == "identity" else torch.allclose(after, before, atol=1e-5)
     assert messages[0].tensors.keys() == ab_keys | r_keys  # first contact: the frozen factors once
     downs, ups = sim.round(1, messages=messages)
     for cid, m in ups.items():
@@ -162,6 +179,8 @@ def test_modes_are_checked_against_the_strategy_and_the_config():
         check_exchange(FedAvg(), lora_mode="sb", down_delta=False, schedule="async")
     with pytest.raises(ConfigError, match="lora.mode=bogus"):
         validate(compose_config([*FAST, "lora.mode=bogus"]))
+    with pytest.raises(ConfigError, match="lora.sb_init=qr"):
+        validate(compose_config([*FAST, "lora.mode=sb", "lora.sb_init=qr"]))
     with pytest.raises(ConfigError, match="lora.mode=ffa needs LoRA"):
         validate(compose_config([*FAST, "lora.mode=ffa", "lora.enabled=false"]))
     with pytest.raises(ConfigError, match="comm.down_delta"):
