@@ -55,3 +55,24 @@ class GatedFedAvg(FedAvg):
         if client_id != self.wait_client:
             open(self.gate, "a").close()  # rank 0 folded this client while the other worker still runs
         return super().fold(round_idx, client_id, message)
+
+
+class WaitingFedAvg(FedAvg):
+    """FedAvg whose ``local_update`` (in a worker) of ``wait_client`` waits until the updates of the clients
+    ``wait_for`` are done (each leaves a file ``done-<id>`` in ``marks``): only an engine that hands the next
+    client to whichever worker is free lets the round finish."""
+
+    def __init__(self, *, marks: str, wait_client: int, wait_for: list[int], wait_s: float = 20.0, **fedavg) -> None:
+        super().__init__(**fedavg)
+        self.marks, self.wait_client, self.wait_for, self.wait_s = marks, wait_client, list(wait_for), wait_s
+
+    def local_update(self, client, message):
+        if client.client_id == self.wait_client:
+            deadline = time.monotonic() + self.wait_s
+            while not all(os.path.exists(os.path.join(self.marks, f"done-{c}")) for c in self.wait_for):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"client {client.client_id}: clients {self.wait_for} were not all done")
+                time.sleep(0.05)
+        reply = super().local_update(client, message)
+        open(os.path.join(self.marks, f"done-{client.client_id}"), "a").close()
+        return reply

@@ -14,7 +14,7 @@ import pytest
 from conftest import FAST, read_metrics
 
 from fedtune import cli
-from fedtune.engine.parallel import ParallelEngine, assign_clients
+from fedtune.engine.parallel import ParallelEngine
 from fedtune.errors import ConfigError
 
 PARALLEL = ("engine=parallel", "engine.workers=2", "engine.timeout_s=120")
@@ -31,12 +31,6 @@ def _worker_processes() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return found
-
-
-def test_assign_clients_balances_by_shard_size():
-    assert assign_clients({0: 10, 1: 50, 2: 30, 3: 20}, 2) == [[0, 1], [2, 3]]  # loads 60 | 50
-    assert assign_clients({4: 5, 2: 5, 7: 5}, 2) == [[4, 7], [2]]  # ties: round order, lowest worker
-    assert assign_clients({0: 3}, 3) == [[0], [], []]
 
 
 @pytest.mark.parametrize("bad", ["workers=0", "workers=two", "timeout_s=0", "threads=-1"])
@@ -107,13 +101,22 @@ def test_worker_failure_stops_the_run(run_fedtune, how, error, message):
 
 
 def test_results_stream_to_rank_0_as_each_client_finishes(run_fedtune, tmp_path):
-    # 3 clients on 2 workers: [0, 2] and [1]. Client 2's update waits until rank 0 has folded client 0's,
-    # done just before on the same worker: both the worker and rank 0 must pass each result on at once.
-    assert assign_clients({0: 20, 1: 20, 2: 20}, 2) == [[0, 2], [1]]
+    # 3 clients on 2 workers: 0 and 1 start at once, 2 goes to the first worker free. Client 2's update
+    # waits until rank 0 has folded another client's: rank 0 must pass each result on as soon as it can.
     gate = tmp_path / "gate"
     _, out = run_fedtune(*PARALLEL, "strategy._target_=parallel_faults.GatedFedAvg", f"+strategy.gate={gate}",
                          "+strategy.wait_client=2", "num_clients=3", "num_rounds=1")
     assert gate.exists() and len(read_metrics(out)) == 1
+
+
+def test_a_free_worker_takes_the_next_client(run_fedtune, tmp_path):
+    # 4 clients on 2 workers; client 0's update waits until clients 1, 2 and 3 are done. Only a work queue
+    # lets the round finish: the other worker must run all three while the first is busy with client 0 (a
+    # split made up front gives each worker two clients, and client 0's worker would still hold one).
+    _, out = run_fedtune(*PARALLEL, "strategy._target_=parallel_faults.WaitingFedAvg", f"+strategy.marks={tmp_path}",
+                         "+strategy.wait_client=0", "+strategy.wait_for=[1,2,3]", "num_clients=4", "num_rounds=1")
+    assert len(read_metrics(out)) == 1
+    assert sorted(p.name for p in tmp_path.glob("done-*")) == ["done-0", "done-1", "done-2", "done-3"]
 
 
 def _free_port() -> int:

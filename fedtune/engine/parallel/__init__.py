@@ -4,10 +4,9 @@ Rank 0 runs the round loop (``run.py``) and keeps its own model for evaluation o
 workers: on CPU each is forked from rank 0 once rank 0 has built its world (nothing imported or built
 again; the base model's pages shared copy-on-write); on CUDA or under torchrun each builds the same
 world from the config (every draw is seeded from the config; checked at start-up). Then they serve
-rounds. Rank 0 sends each worker its share of the round's
-clients (balanced by shard size) with their messages and client-store entries; the worker runs
-them back to back and returns, per client, the result, the updated store entry and the channel
-records of traffic *during* the update (split learning's activations). Rank 0 writes those into its
+rounds. The round's clients are a work queue: rank 0 sends each worker one client (its message and
+client-store entry) and the next as soon as the worker returns the last one's result, updated store
+entry and channel records of traffic *during* the update (split learning's activations). Rank 0 writes those into its
 own store and channel, so bytes, aggregation and outputs happen where they do with ``sequential``;
 only rank 0 writes files or talks to W&B.
 
@@ -30,8 +29,8 @@ world itself, and a different partition or initial model stops the run at start-
 reuses the same workers job after job.
 """
 
-from fedtune.engine.parallel.engine import ParallelEngine, assign_clients
+from fedtune.engine.parallel.engine import ParallelEngine
 from fedtune.engine.parallel.process import under_torchrun
 from fedtune.engine.parallel.worker import serve_spawned_worker, serve_torchrun_worker
 
-__all__ = ["ParallelEngine", "assign_clients", "serve_spawned_worker", "serve_torchrun_worker", "under_torchrun"]
+__all__ = ["ParallelEngine", "serve_spawned_worker", "serve_torchrun_worker", "under_torchrun"]

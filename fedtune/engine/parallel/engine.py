@@ -16,7 +16,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from fedtune.comm.channel import Message
-from fedtune.engine.parallel.messages import ClientDone, ClientJob, Failed, Hello, Ready, Round, Stop
+from fedtune.engine.parallel.messages import ClientDone, ClientJob, Failed, Hello, Ready, Stop
 from fedtune.engine.parallel.process import (
     cores,
     reap,
@@ -24,7 +24,7 @@ from fedtune.engine.parallel.process import (
     spawn,
     under_torchrun,
 )
-from fedtune.engine.parallel.transport import FOREVER, calls, recv_obj, send_obj, streams, to_cpu
+from fedtune.engine.parallel.transport import FOREVER, calls, pumps, recv_obj, send_obj, to_cpu
 from fedtune.engine.parallel.worker import fingerprint, inherit, same_world, serve_spawned_worker
 from fedtune.errors import ConfigError, WorkerError
 
@@ -34,21 +34,6 @@ if TYPE_CHECKING:  # (peft and transformers load with these: importing this modu
 log = logging.getLogger(__name__)
 
 AUTO_CPU_CAP = 8  # each CPU worker is a whole process (torch, transformers, a model copy)
-
-
-def assign_clients(sizes: dict[int, int], num_workers: int) -> list[list[int]]:
-    """Clients per worker: largest shard first onto the least-loaded worker (ties: lowest index).
-
-    Each worker's list keeps the order of ``sizes`` (the round's order).
-    """
-    order = {cid: i for i, cid in enumerate(sizes)}
-    loads = [0] * num_workers
-    plan: list[list[int]] = [[] for _ in range(num_workers)]
-    for cid in sorted(sizes, key=lambda c: (-sizes[c], order[c])):
-        w = min(range(num_workers), key=lambda i: (loads[i], i))
-        loads[w] += sizes[cid]
-        plan[w].append(cid)
-    return [sorted(p, key=order.__getitem__) for p in plan]
 
 
 class ParallelEngine:
@@ -153,12 +138,14 @@ class ParallelEngine:
                   downloads: Iterable[tuple[int, Message]]) -> Iterator[tuple[int, ClientResult]]:
         """The round's clients on the workers; yields ``(client_id, result)`` in the order of ``downloads``.
 
-        Every download is taken first (each worker gets its share of the round at once: clients
-        balanced by shard size). Each worker reports every client as soon as it is done; a client is
+        Every download is taken first. The clients form a work queue in the downloads' order: each
+        worker is sent one client, and the next as soon as it reports the last one done (a worker that
+        drew small shards or a fast client takes more: no up-front split to go wrong). A client is
         yielded as soon as it and every client before it in the downloads' order have been reported
         (so the caller's uplink and fold overlap the workers' remaining updates, in the same order as
         the sequential engine's), and its store entry and mid-update channel records are written into
-        rank 0's as it is yielded.
+        rank 0's as it is yielded. Which worker ran a client changes no number: each starts from the
+        client's download and store entry, with its randomness drawn from (seed, round, client).
 
         ``strategy`` is rank 0's; each worker runs its own, set up from the same config (so
         ``local_update`` may read only what ``setup`` set, and the message). A strategy whose
@@ -171,13 +158,10 @@ class ParallelEngine:
                 yield cid, self.runtime.run(strategy, round_idx=round_idx, client_id=cid, message=message)
             return
         messages = dict(downloads)
-        store, shards = self.runtime.store, self.runtime.shards
-        sizes = {cid: sum(len(shards[c]) for c in (msg.pool or (cid,))) for cid, msg in messages.items()}
-        plan = {rank: cids for rank, cids in zip(self.ranks, assign_clients(sizes, len(self.ranks))) if cids}
-        jobs = {rank: Round(round_idx, [ClientJob(cid, messages[cid], to_cpu(store.get(cid))) for cid in cids])
-                for rank, cids in plan.items()}
+        store = self.runtime.store
+        work = [ClientJob(round_idx, cid, msg, to_cpu(store.get(cid))) for cid, msg in messages.items()]
         order, arrived = list(messages), {}
-        for done in self._stream(jobs, {rank: len(job.jobs) for rank, job in jobs.items()}, f"in round {round_idx}"):
+        for done in self._stream(work, f"in round {round_idx}"):
             arrived[done.client_id] = done
             while order and order[0] in arrived:  # in the order of the downloads, each as soon as it can be
                 cid = order.pop(0)
@@ -189,15 +173,15 @@ class ParallelEngine:
                 self.runtime.channel.transfers.extend(done.transfers)
                 yield cid, done.result
 
-    def _stream(self, sends: dict[int, Round], counts: dict[int, int], when: str) -> Iterator[ClientDone]:
-        """Send each rank its share of the round, then yield each client's :class:`ClientDone` as its
-        worker reports it; the first failure, death or timeout raises as :meth:`_exchange` does."""
+    def _stream(self, work: list[ClientJob], when: str) -> Iterator[ClientDone]:
+        """Hand the workers ``work`` one client at a time as they become free; yield each client's
+        :class:`ClientDone` as its worker reports it; the first failure, death or timeout raises as
+        :meth:`_exchange` does."""
         watch, deadline = partial(self._check_alive, when), self._deadline()
         try:
-            for _ in calls({r: partial(send_obj, obj, r) for r, obj in sends.items()}, watch=watch, deadline=deadline):
-                pass
             error = None
-            for _, msg in streams(counts, until=lambda m: isinstance(m, Failed), watch=watch, deadline=deadline):
+            for _, msg in pumps(self.ranks, work, until=lambda m: isinstance(m, Failed), watch=watch,
+                                deadline=deadline):
                 if isinstance(msg, Failed):
                     error = error or (ConfigError(msg.text) if msg.config_error else WorkerError(msg.text))
                     if not under_torchrun():  # close() terminates the others; torchrun's ranks must finish

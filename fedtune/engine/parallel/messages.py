@@ -1,9 +1,10 @@
 """What rank 0 and the workers send each other: one small dataclass per message (pickled).
 
-rank 0 -> worker: :class:`Hello` (a job: build the world), then :class:`Round` per round, then
-:class:`Stop` (this job is over; under torchrun another may follow) or :class:`Exit` (torchrun: no more jobs).
-worker -> rank 0: :class:`Ready` after building, then per round one :class:`ClientDone` per client as it
-finishes, or a :class:`Failed` (nothing of that round follows it).
+rank 0 -> worker: :class:`Hello` (a job: build the world), then one :class:`ClientJob` at a time (the next
+when the worker has reported the last), then :class:`Stop` (this job is over; under torchrun another may
+follow) or :class:`Exit` (torchrun: no more jobs).
+worker -> rank 0: :class:`Ready` after building, then per :class:`ClientJob` a :class:`ClientDone` or a
+:class:`Failed`.
 """
 
 from __future__ import annotations
@@ -31,15 +32,10 @@ class Ready:
 
 @dataclass
 class ClientJob:
+    round_idx: int
     client_id: int
     message: Message  # the client's download, as decoded by rank 0's channel
     entry: dict[str, Any]  # the client's store entry (rank 0's store is the truth)
-
-
-@dataclass
-class Round:
-    round_idx: int
-    jobs: list[ClientJob]
 
 
 @dataclass

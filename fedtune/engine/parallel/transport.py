@@ -47,37 +47,42 @@ def recv_obj(src: int) -> Any:
     return pickle.loads(data.numpy().tobytes())
 
 
-def streams(counts: dict[int, int], *, until: Callable[[Any], bool], watch: Callable[[], None],
-            deadline: float = float("inf")) -> Iterator[tuple[int, Any]]:
-    """Receive ``counts[rank]`` objects from each rank, each on its own daemon thread; yield
-    ``(rank, object)`` as they arrive (in arrival order), calling ``watch()`` while waiting. A rank's
-    stream ends early after an object for which ``until(object)`` is true (e.g. a failure report)."""
-    def receive(rank: int, count: int) -> Iterator[Any]:
-        for _ in range(count):
-            obj = recv_obj(rank)
-            yield obj
-            if until(obj):
-                return
+def pumps(ranks: list[int], work: list[Any], *, until: Callable[[Any], bool], watch: Callable[[], None],
+          deadline: float = float("inf")) -> Iterator[tuple[int, Any]]:
+    """Hand ``work`` out in its order, one item at a time, to whichever rank is free: each rank has a daemon
+    thread that takes the next item, sends it, receives the rank's one reply, then takes the next (so a
+    rank asks for more as soon as it is done, without waiting for the caller). Yields ``(rank, reply)`` in
+    arrival order, calling ``watch()`` while waiting. After a reply for which ``until(reply)`` is true (e.g.
+    a failure report) no more items are handed out; replies to items already sent still arrive."""
+    lock, items, stop = threading.Lock(), iter(work), threading.Event()
+
+    def take() -> Any:
+        with lock:
+            return _END if stop.is_set() else next(items, _END)
 
     inbox: queue.Queue = queue.Queue()
 
-    def target(rank: int, count: int) -> None:
+    def target(rank: int) -> None:
         try:
-            for obj in receive(rank, count):
-                inbox.put((rank, obj, None))
+            while (item := take()) is not _END:
+                send_obj(item, rank)
+                reply = recv_obj(rank)
+                if until(reply):
+                    stop.set()
+                inbox.put((rank, reply, None))
         except Exception as err:  # e.g. gloo's "Connection closed by peer"
             inbox.put((rank, None, err))
         inbox.put((rank, _END, None))
 
-    for rank, count in counts.items():
-        threading.Thread(target=target, args=(rank, count), daemon=True).start()
-    open_streams = len(counts)
-    while open_streams:
+    for rank in ranks:
+        threading.Thread(target=target, args=(rank,), daemon=True).start()
+    open_pumps = len(ranks)
+    while open_pumps:
         rank, obj, err = _next(inbox, watch, deadline)
         if err is not None:
             _explain(rank, err, watch)
         if obj is _END:
-            open_streams -= 1
+            open_pumps -= 1
         else:
             yield rank, obj
 

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,6 @@ from fedtune.engine.parallel.messages import (
     Failed,
     Hello,
     Ready,
-    Round,
     Stop,
 )
 from fedtune.engine.parallel.process import cores
@@ -119,9 +118,8 @@ def _serve(rank: int, watch: Callable[[], None], *, threads: int, local_rank: in
         send(Ready(device=str(runtime.device), threads=threads, fingerprint=fingerprint(runtime.shards, runtime.model)))
     except Exception as err:
         send(_failed(err, f"worker {rank} failed to start"))
-    while isinstance(msg := recv(), Round):
-        for reply in _run_jobs(runtime, strategy, rank, round_idx=msg.round_idx, jobs=msg.jobs):
-            send(reply)  # each client's result as soon as it is done: rank 0 folds it while we go on
+    while isinstance(msg := recv(), ClientJob):
+        send(_run_job(runtime, strategy, rank, msg))  # rank 0 sends the next client once it has this one
     return isinstance(msg, Stop)
 
 
@@ -136,26 +134,21 @@ def _build(hello: Hello, local_rank: int) -> tuple[ClientRuntime, Updater]:
     return client_runtime(cfg, world, store=ClientStore(), channel=make_channel(cfg)), world.strategy
 
 
-def _run_jobs(runtime: ClientRuntime | None, strategy: Updater | None, rank: int, *, round_idx: int,
-              jobs: list[ClientJob]) -> Iterator[ClientDone | Failed]:
-    """This worker's clients of the round, back to back: one :class:`ClientDone` per client as it
-    finishes, or a :class:`Failed` (and nothing after it)."""
-    for job in jobs:
-        try:
-            assert runtime is not None and strategy is not None, "the worker did not start"
-            runtime.store = ClientStore()  # rank 0's store is the truth; this one holds one client
-            runtime.store.put(job.client_id, job.entry)
-            before = len(runtime.channel.transfers)
-            result = runtime.run(strategy, round_idx=round_idx, client_id=job.client_id, message=job.message)
-            transfers = runtime.channel.transfers[before:]
-            del runtime.channel.transfers[before:]
-            assert result.message is not None
-            result.message.tensors = to_cpu(result.message.tensors)
-            done = ClientDone(job.client_id, result, to_cpu(runtime.store.get(job.client_id)), transfers)
-        except Exception as err:
-            yield _failed(err, f"worker {rank} failed on client {job.client_id} in round {round_idx}")
-            return
-        yield done
+def _run_job(runtime: ClientRuntime | None, strategy: Updater | None, rank: int, job: ClientJob) -> ClientDone | Failed:
+    """One client's update: its :class:`ClientDone`, or a :class:`Failed`."""
+    try:
+        assert runtime is not None and strategy is not None, "the worker did not start"
+        runtime.store = ClientStore()  # rank 0's store is the truth; this one holds one client
+        runtime.store.put(job.client_id, job.entry)
+        before = len(runtime.channel.transfers)
+        result = runtime.run(strategy, round_idx=job.round_idx, client_id=job.client_id, message=job.message)
+        transfers = runtime.channel.transfers[before:]
+        del runtime.channel.transfers[before:]
+        assert result.message is not None
+        result.message.tensors = to_cpu(result.message.tensors)
+        return ClientDone(job.client_id, result, to_cpu(runtime.store.get(job.client_id)), transfers)
+    except Exception as err:
+        return _failed(err, f"worker {rank} failed on client {job.client_id} in round {job.round_idx}")
 
 
 def _failed(err: Exception, where: str) -> Failed:
