@@ -159,8 +159,12 @@ SETTINGS = {
     "ffa+sign": [*COMPACT, "comm.up=sign", "lora.mode=ffa"],
     "topk0.05+int2": [*COMPACT, "comm.up=topk0.05+int2"],
     "topk0.02+sign": [*COMPACT, "comm.up=topk0.02+sign"],
-    "sb+int8": [*COMPACT, "comm.up=int8", "lora.mode=sb"],
+    "ffa+tern": [*COMPACT, "comm.up=tern", "lora.mode=ffa"],
+    "sb+int8": [*COMPACT, "comm.up=int8", "lora.mode=sb"],  # lora.sb_init=svd (the default)
     "sb+sign": [*COMPACT, "comm.up=sign", "lora.mode=sb"],
+    # Fed-SB freezing A and B as they are after round 1, R = I (the default before lora.sb_init existed)
+    "sbI+int8": [*COMPACT, "comm.up=int8", "lora.mode=sb", "lora.sb_init=identity"],
+    "sbI+sign": [*COMPACT, "comm.up=sign", "lora.mode=sb", "lora.sb_init=identity"],
 }
 
 
