@@ -25,7 +25,7 @@ from fedtune.comm.entropy import compress
 from fedtune.comm.spec import make_codec
 from fedtune.errors import ConfigError
 
-KEY = "@budget"  # the rung sent, in the codec meta (the default ladder is conf/config.yaml's comm.ladder)
+KEY = "@budget"  # the rung sent, in the codec meta (the default ladder is conf/comm/default.yaml's ladder)
 
 
 def payload_bytes(encoded: Tensors, codec_meta: dict[str, str], *, wire: str, entropy: str) -> int:
