@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data.schema import Example
@@ -78,18 +79,12 @@ def collate(tok: Tokenized, indices: list[int], *, pad_id: int) -> dict[str, tor
     Token labels are padded with -100 (ignored by the loss); a classification label (0-d tensor per
     example) is stacked into shape (batch,).
     """
-    width = max(len(tok.input_ids[i]) for i in indices)
-    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(indices), width), dtype=torch.long)
-    per_token = tok.labels[indices[0]].dim() > 0
-    if per_token:
-        labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
+    rows = [tok.input_ids[i] for i in indices]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    lengths = torch.tensor([len(r) for r in rows])
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    if tok.labels[indices[0]].dim() > 0:  # per-token labels: padded with IGNORE_INDEX
+        labels = pad_sequence([tok.labels[i] for i in indices], batch_first=True, padding_value=IGNORE_INDEX)
     else:
         labels = torch.stack([tok.labels[i] for i in indices])
-    for row, i in enumerate(indices):
-        n = len(tok.input_ids[i])
-        ids[row, :n] = tok.input_ids[i]
-        mask[row, :n] = 1
-        if per_token:
-            labels[row, :n] = tok.labels[i]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
