@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from fedtune.comm import channel as channel_module
 from fedtune.comm.channel import Channel, Message
 from fedtune.comm.spec import make_codec
 from fedtune.errors import ConfigError
@@ -105,3 +106,31 @@ def test_channel_times_each_transfer_and_comm_time_is_the_model_exchange(monkeyp
     assert len(ch.transfers) == 3 and all(t.seconds >= 0.05 for t in ch.transfers)
     assert ch.seconds(0) == ch.transfers[0].seconds  # the model exchange of round 0 only
     assert ch.seconds(0, kinds=("activations",)) == ch.transfers[1].seconds
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,
+                                   torch.int8, torch.uint8, torch.bool, torch.bfloat16])
+def test_serialize_writes_safetensors_own_bytes_for_every_dtype(dtype):
+    g = torch.Generator().manual_seed(0)
+    big = (10 * torch.randn(6, 5, generator=g)).to(dtype)
+    view = big[2:4] if dtype != torch.bfloat16 else big[2:4].clone()  # (the torch path refuses shared memory)
+    tensors = {"b.weight": big, "a": view, "scalar": torch.tensor(3).to(dtype), "empty": torch.zeros(0, 4, dtype=dtype)}
+    header = {"meta": "{}", "codec": "{}"}
+    payload = channel_module.serialize(tensors, header)
+    expected = save({k: v.clone() for k, v in tensors.items()}, metadata=header)  # (clones: torch refuses views)
+    # the same bytes up to the order of the metadata's keys (a hash map in safetensors: any order, each call)
+    assert len(payload) == len(expected) and payload[:8] == expected[:8]
+    n = 8 + int.from_bytes(payload[:8], "little")
+    assert json.loads(payload[8:n]) == json.loads(expected[8:n]) and payload[n:] == expected[n:]
+    back, got_header = channel_module.deserialize(payload)
+    assert got_header == header and all(torch.equal(back[k], v) and back[k].dtype == dtype for k, v in tensors.items())
+
+
+def test_serialize_takes_the_numpy_path_where_numpy_holds_the_dtype(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("safetensors.torch.save called")
+
+    monkeypatch.setattr(channel_module, "st_save", refuse)
+    assert channel_module.serialize({"w": torch.ones(2, 3), "i": torch.arange(4)}, {"meta": "{}"})
+    with pytest.raises(AssertionError):  # bf16: numpy has no such dtype, the torch path is taken
+        channel_module.serialize({"w": torch.ones(2, 3, dtype=torch.bfloat16)}, {"meta": "{}"})
