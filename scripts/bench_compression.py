@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="frontier: comma-separated seeds")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="frontier: comma-separated settings")
     parser.add_argument("--results", default="docs/results/frontier", help="frontier: per-run JSON (reused)")
+    parser.add_argument("--cached-only", action="store_true", help="frontier: table only the runs already in --results")
     parser.add_argument("--reference", default="fp32", help="frontier: the setting ratios and changes are taken against")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -106,7 +107,7 @@ def main() -> None:
         ref = args.reference
         names = [ref, *[n for n in args.settings.split(",") if n != ref]]
         runs = frontier_runs(args.task, names, [int(s) for s in args.seeds.split(",")], args.rounds,
-                             Path(args.results), args.overrides)
+                             Path(args.results), args.overrides, cached_only=args.cached_only)
         lines, points = frontier_table(args.task, runs, ref)
         if ref != "fp32":  # another comparison (e.g. split's activation codecs): a table of its own, no figure
             common = " ".join([*FRONTIER_BASE, *TASKS[args.task], f"num_rounds={args.rounds}", *args.overrides])
@@ -190,19 +191,22 @@ SETTINGS = {
 
 
 def frontier_runs(task: str, settings: list[str], seeds: list[int], rounds: int, results: Path,
-                  extra: list[str]) -> dict[str, list[list[dict]]]:
-    """Each setting's per-seed metrics rows (run now, or read back from ``results``)."""
-    out: dict[str, list[list[dict]]] = {}
+                  extra: list[str], cached_only: bool = False) -> dict[str, dict[int, list[dict]]]:
+    """Each setting's per-seed metrics rows (run now, or read back from ``results``; with ``cached_only``
+    a missing run is left out, and the table's seeds column says how many there are)."""
+    out: dict[str, dict[int, list[dict]]] = {}
     for name in settings:
         for seed in seeds:
             path = results / task / f"{name}-seed{seed}.json"
+            if not path.exists() and cached_only:
+                continue
             if not path.exists():
                 overrides = [*FRONTIER_BASE, *TASKS[task], f"num_rounds={rounds}", f"seed={seed}", *SETTINGS[name],
                              *extra]
                 rows = metrics(overrides)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"overrides": overrides, "rows": rows}))
-            out.setdefault(name, []).append(json.loads(path.read_text())["rows"])
+            out.setdefault(name, {})[seed] = json.loads(path.read_text())["rows"]
     return out
 
 
@@ -212,36 +216,39 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def frontier_table(task: str, runs: dict[str, list[list[dict]]], reference: str = "fp32") -> tuple[list[str], list[dict]]:
-    """Markdown rows and the points of the Pareto figure; ratios and changes against ``reference``."""
-    classify = "eval/accuracy" in runs[reference][0][-1]
+def frontier_table(task: str, runs: dict[str, dict[int, list[dict]]], reference: str = "fp32") -> tuple[list[str], list[dict]]:
+    """Markdown rows and the points of the Pareto figure; ratios and changes against ``reference``, each
+    change taken per seed (same seed: same partition and initialisation) and then averaged."""
+    ref_runs = runs[reference]
+    classify = "eval/accuracy" in next(iter(ref_runs.values()))[-1]
     key = "eval/accuracy" if classify else "eval/loss"
 
     def quality(rows: list[dict]) -> float:
         return 100 * rows[-1][key] if classify else rows[-1][key]
 
-    ref_up = _mean_std([sum(r["comm/up_bytes"] for r in rows) for rows in runs[reference]])[0]
-    ref_q = [quality(rows) for rows in runs[reference]]
+    ref_up = _mean_std([sum(r["comm/up_bytes"] for r in rows) for rows in ref_runs.values()])[0]
+    ref_q = {seed: quality(rows) for seed, rows in ref_runs.items()}
     unit = "accuracy (%)" if classify else "eval loss"
     lines = [f"| setting | seeds | bytes up | bytes down | up vs {reference} | final {unit} | change vs {reference} |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     points = []
     for name, seeded in runs.items():
-        up = _mean_std([sum(r["comm/up_bytes"] for r in rows) for rows in seeded])[0]
-        down = _mean_std([sum(r["comm/down_bytes"] for r in rows) for rows in seeded])[0]
-        q = _mean_std([quality(rows) for rows in seeded])
-        # the change per seed (same seed, same partition and init), then its mean and std
-        deltas = [quality(rows) - ref for rows, ref in zip(seeded, ref_q)]
+        up = _mean_std([sum(r["comm/up_bytes"] for r in rows) for rows in seeded.values()])[0]
+        down = _mean_std([sum(r["comm/down_bytes"] for r in rows) for rows in seeded.values()])[0]
+        q = _mean_std([quality(rows) for rows in seeded.values()])
+        deltas = [quality(rows) - ref_q[seed] for seed, rows in seeded.items()]
         if not classify:
-            deltas = [100 * d / ref for d, ref in zip(deltas, ref_q)]
+            deltas = [100 * d / ref_q[seed] for d, seed in zip(deltas, seeded)]
         d = _mean_std(deltas)
         change = f"{d[0]:+.2f} ± {d[1]:.2f} {'pt' if classify else '%'}" if name != reference else "-"
-        lines.append(f"| {name} | {len(seeded)} | {up:,.0f} | {down:,.0f} | {ref_up / up:.1f}x | "
+        seeds = ",".join(str(s) for s in seeded)
+        lines.append(f"| {name} | {seeds} | {up:,.0f} | {down:,.0f} | {ref_up / up:.1f}x | "
                      f"{q[0]:.2f} ± {q[1]:.2f} | {change} |")
         points.append({"name": name, "ratio": ref_up / up, "change": d[0], "std": d[1]})
-    majority = runs[reference][0][0].get("eval/majority_accuracy")
-    if classify:
-        curve = [_mean_std([100 * rows[i][key] for rows in runs[reference]])[0] for i in range(len(runs[reference][0]))]
+    first = next(iter(ref_runs.values()))
+    majority = first[0].get("eval/majority_accuracy")
+    if classify and all("eval/accuracy" in r for r in first):
+        curve = [_mean_std([100 * rows[i][key] for rows in ref_runs.values()])[0] for i in range(len(first))]
         lines += ["", f"{reference} accuracy by round (mean over seeds): "
                   + ", ".join(f"{v:.1f}" for v in curve) + (f"; majority class {100 * majority:.1f}%"
                                                              if majority is not None else "")]
