@@ -65,3 +65,12 @@ def test_no_work_and_more_ranks_than_items(peers):
     fake = peers({1: 0.01, 2: 0.01, 3: 0.01})
     assert sorted(item for _, (_, item) in _run([1, 2, 3], [7])) == [7]
     assert len(fake.sent) == 1
+
+
+def test_a_caller_that_stops_early_stops_the_handing_out(peers):
+    fake = peers({1: 0.05})
+    replies = transport.pumps([1], list(range(20)), until=lambda reply: False, watch=lambda: None)
+    assert next(replies) == (1, ("done", 0))
+    replies.close()  # e.g. the round loop raised while folding
+    time.sleep(0.3)
+    assert len(fake.sent) <= 2  # at most the item taken before the stop

@@ -77,14 +77,17 @@ def pumps(ranks: list[int], work: list[Any], *, until: Callable[[Any], bool], wa
     for rank in ranks:
         threading.Thread(target=target, args=(rank,), daemon=True).start()
     open_pumps = len(ranks)
-    while open_pumps:
-        rank, obj, err = _next(inbox, watch, deadline)
-        if err is not None:
-            _explain(rank, err, watch)
-        if obj is _END:
-            open_pumps -= 1
-        else:
-            yield rank, obj
+    try:
+        while open_pumps:
+            rank, obj, err = _next(inbox, watch, deadline)
+            if err is not None:
+                _explain(rank, err, watch)
+            if obj is _END:
+                open_pumps -= 1
+            else:
+                yield rank, obj
+    finally:  # the caller stopped early (an error, a failure report): hand out nothing more
+        stop.set()
 
 
 _END = object()  # a receiving thread's last put
