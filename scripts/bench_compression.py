@@ -119,7 +119,8 @@ def main() -> None:
             return
         figure = Path("docs/figures") / f"compression_{args.task}.png"
         if args.out:  # (a run without --out leaves the committed figure alone)
-            pareto_figure(args.task, points, figure)
+            classify = "eval/accuracy" in next(iter(runs[ref].values()))[-1]
+            pareto_figure(args.task, points, figure, "points" if classify else "% eval loss")
         base = [*FRONTIER_BASE, *TASKS[args.task], f"num_rounds={args.rounds}", *args.overrides]
         section = "\n".join([f"## Frontier: {args.task}", "", f"Common overrides: `{' '.join(base)}`; compressed "
                              f"settings add `{' '.join(COMPACT)}`.", "", *lines, "", f"![{args.task}]({figure.relative_to('docs')})", ""])
@@ -255,7 +256,7 @@ def frontier_table(task: str, runs: dict[str, dict[int, list[dict]]], reference:
     return lines, points
 
 
-def pareto_figure(task: str, points: list[dict], path: Path) -> None:
+def pareto_figure(task: str, points: list[dict], path: Path, unit: str = "points") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,10 +269,11 @@ def pareto_figure(task: str, points: list[dict], path: Path) -> None:
     for name, ratio in PUBLISHED.items():
         ax.axvline(ratio, color="grey", lw=0.6, ls=":")
         ax.text(ratio, ax.get_ylim()[0], name, rotation=90, fontsize=6, va="bottom", color="grey")
-    ax.axhline(-1.0, color="red", lw=0.6, ls="--")
+    if unit == "points":
+        ax.axhline(-1.0, color="red", lw=0.6, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("uplink bytes: fp32 FedAvg / setting")
-    ax.set_ylabel("change vs fp32 (points)")
+    ax.set_ylabel(f"change vs fp32 ({unit})")
     ax.set_title(f"{task}: bytes vs quality (mean ± std over seeds)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
