@@ -126,6 +126,22 @@ def truncate_metrics(path: Path, *, last_round: int) -> int:
     return len(kept)
 
 
+_HELD_LOCKS: set[int] = set()  # file descriptors of the run locks this process holds
+
+
+def _drop_locks_in_child() -> None:
+    """In a forked child (the heatmap drawer, CPU workers): close the inherited lock descriptors. An flock
+    belongs to the open file, shared across fork: a child still running after the run was killed would
+    otherwise keep the run locked until it ends. Closing the child's copy leaves the parent's lock held."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 @contextlib.contextmanager
 def run_lock(folder: Path) -> Iterator[None]:
     """Hold ``folder/.lock`` (an exclusive ``flock``, released when the process ends, however it ends)
@@ -145,9 +161,11 @@ def run_lock(folder: Path) -> Iterator[None]:
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
+        _HELD_LOCKS.add(f.fileno())
         try:
             yield
         finally:
+            _HELD_LOCKS.discard(f.fileno())
             f.seek(0)
             f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)

@@ -138,6 +138,34 @@ def test_lock_in_process(tmp_path):
         pass
 
 
+def test_a_forked_child_does_not_keep_a_killed_run_locked(tmp_path):
+    """A run's forked child (the heatmap drawer, a CPU worker) may outlive the run when it is killed; the
+    lock must go with the run, not with the child's inherited descriptor."""
+    from fedtune.checkpoint import run_lock
+
+    script = (
+        "import multiprocessing, os, sys, time\n"
+        "from pathlib import Path\n"
+        "from fedtune.checkpoint import run_lock\n"
+        "with run_lock(Path(sys.argv[1])):\n"
+        "    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(30,))\n"
+        "    child.start()\n"
+        "    Path(sys.argv[2]).write_text(str(child.pid))\n"
+        "    os._exit(0)  # dies holding the lock, as under SIGKILL: no unlock, no cleanup\n"
+    )
+    pid_file = tmp_path.parent / f"{tmp_path.name}.child"
+    # (no pipes: the child would keep them open, and run() would wait for it)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), str(pid_file)], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=60, check=True)
+    child = int(pid_file.read_text())
+    try:
+        os.kill(child, 0)  # the child is still alive (and holds whatever it inherited)
+        with run_lock(tmp_path):
+            pass
+    finally:
+        os.kill(child, 9)
+
+
 def test_output_path_under_a_file_is_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("x")
