@@ -43,8 +43,8 @@ def validate(cfg: DictConfig) -> None:
         _positive(cfg, "lora.alpha")
         _require(0 <= cfg.lora.dropout < 1, f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
     mode = cfg.lora.get("mode", "lora")
-    _require(mode in ("lora", "ffa", "sb"), f"lora.mode={mode}: choose one of lora, ffa (train B only), "
-             "sb (train an r x r matrix between frozen A and B)")
+    _require(mode in ("lora", "ffa", "sb", "alt"), f"lora.mode={mode}: choose one of lora, ffa (train B only), "
+             "sb (train an r x r matrix between frozen A and B), alt (train B, then A, round by round)")
     sb_init = cfg.lora.get("sb_init", "svd")
     _require(sb_init in ("svd", "identity"), f"lora.sb_init={sb_init}: choose svd (re-factor B A, R = its singular "
              "values) or identity (freeze A and B as they are, R = I)")

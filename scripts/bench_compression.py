@@ -176,6 +176,14 @@ SETTINGS = {
     "topk0.05+int2": [*COMPACT, "comm.up=topk0.05+int2"],
     "topk0.02+sign": [*COMPACT, "comm.up=topk0.02+sign"],
     "ffa+tern": [*COMPACT, "comm.up=tern", "lora.mode=ffa"],
+    # random-k: each client keeps a fraction of every tensor at positions redrawn from a 4-byte seed (no
+    # indices on the wire), sign-coded; error feedback carries the rest to a later round
+    "randk0.75+sign": [*COMPACT, "comm.up=randk0.75+sign"],
+    "randk0.5+sign": [*COMPACT, "comm.up=randk0.5+sign"],
+    # alternating factors (lora.mode=alt): B in even rounds, A in odd ones; half the LoRA values a round
+    "alt": ["strategy=fedavg", "lora.mode=alt"],
+    "alt+sign": [*COMPACT, "comm.up=sign", "lora.mode=alt"],
+    "alt+tern": [*COMPACT, "comm.up=tern", "lora.mode=alt"],
     "ffa": ["strategy=fedavg", "lora.mode=ffa"],  # FFA-LoRA uncompressed: what freezing A costs by itself
     "sb+int8": [*COMPACT, "comm.up=int8", "lora.mode=sb"],  # lora.sb_init=svd (the default)
     "sb+sign": [*COMPACT, "comm.up=sign", "lora.mode=sb"],

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune.tensors import structure_changed
+
 # decoder-layer list -> prefixes of the input embeddings (owned by block 0)
 LAYOUTS: dict[str, tuple[str, ...]] = {
     "model.layers": ("model.embed_tokens.",),
@@ -117,7 +119,9 @@ def only_layers(model: torch.nn.Module, layers_path: str, keep: Sequence[int]) -
     parent = model.get_submodule(parent_path)
     full = getattr(parent, attr)
     setattr(parent, attr, torch.nn.ModuleList([full[i] for i in sorted(keep)]))
+    structure_changed(model)
     try:
         yield
     finally:
         setattr(parent, attr, full)
+        structure_changed(model)

@@ -11,6 +11,11 @@ tensors that share memory with the live model, and a payload must never alias th
 - ``ffa`` (FFA-LoRA, Sun et al. 2024): A stays at its seeded initialisation, the same in every process
   (the model and its adapters are built under one seed), so only B is trained; the mean of B_i A is
   (mean B_i) A, exact.
+- ``alt`` (alternating, as RoLoRA, Chen et al. 2024, and LoRA-A², Koo et al. 2024, do): in each round every
+  client trains one factor with the other frozen, B in even rounds (B starts at zero, so A's gradient would
+  be zero), A in odd ones (:func:`alt_factor`); only the trained factor is exchanged, half the LoRA values a
+  round, and the mean is exact because the frozen factor is the same global one in every client. Unlike
+  ``ffa``, A is trained too. :func:`set_alt_phase` sets which factor trains.
 - ``sb`` (Fed-SB, Singhal et al. 2025, simplified): plain LoRA until :func:`to_sb` freezes A and B and puts a
   trainable r x r matrix R between them (``W0 + B R A``, R = I so the model is unchanged); from then on the
   trainable state is the R matrices, and the mean of B R_i A is B (mean R_i) A, exact. Before freezing, the
@@ -34,9 +39,10 @@ from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from fedtune.errors import ConfigError
+from fedtune.tensors import structure_changed
 
 State = dict[str, torch.Tensor]
-MODES = ("lora", "ffa", "sb")
+MODES = ("lora", "ffa", "sb", "alt")
 
 
 def apply_lora(
@@ -100,6 +106,7 @@ def _freeze(model: PeftModel, params: list[torch.Tensor], *, mode: str) -> None:
         p.requires_grad_(False)
         p.grad = None  # a gradient of earlier training is memory the client no longer holds
     model.__dict__.pop(_LIVE, None)  # modules may have been replaced: find the live parameters again
+    structure_changed(model)
     live = _adapter_parameters(model)
     if live is None:
         raise ConfigError(f"lora.mode={mode}: this model's adapter state is not made of plain parameters "
@@ -108,8 +115,39 @@ def _freeze(model: PeftModel, params: list[torch.Tensor], *, mode: str) -> None:
 
 
 def frozen_keys(model: torch.nn.Module) -> frozenset[str]:
-    """Keys of the frozen LoRA factors (A under ffa; A and B after :func:`to_sb`); empty for plain LoRA."""
+    """Keys of the frozen LoRA factors (A under ffa; A and B after :func:`to_sb`; the idle factor in an alt
+    round, :func:`set_alt_phase`); empty for plain LoRA."""
     return model.__dict__.get(_FROZEN, frozenset())
+
+
+ALT_FACTORS = ("A", "B")
+
+
+def alt_factor(round_idx: int) -> str:
+    """``lora.mode=alt``: the factor every client trains in round ``round_idx``: B first (at B = 0 the
+    gradient of A is zero), then A, and so on."""
+    return "B" if round_idx % 2 == 0 else "A"
+
+
+def set_alt_phase(model: torch.nn.Module, factor: str | None) -> None:
+    """``lora.mode=alt``: train only ``factor`` ("A" or "B") of every LoRA layer, the other frozen and left
+    out of the trainable state; None: both trained again (the whole adapter in and out, e.g. to load the
+    global state or to evaluate). Anything else trainable (``modules_to_save``) stays trainable."""
+    assert factor in (None, *ALT_FACTORS), factor
+    if not isinstance(model, PeftModel):
+        raise ConfigError("lora.mode=alt needs LoRA adapters (lora.enabled=true)")
+    for layer in _lora_layers(model):
+        for name, modules in (("A", layer.lora_A), ("B", layer.lora_B)):
+            for module in modules.values():
+                for p in module.parameters():
+                    p.requires_grad_(factor is None or name == factor)
+                    if not p.requires_grad:
+                        p.grad = None
+    live = _adapter_parameters(model)
+    if live is None:
+        raise ConfigError("lora.mode=alt: this model's adapter state is not made of plain parameters "
+                          "(use lora.mode=lora)")
+    model.__dict__[_FROZEN] = frozenset(k for k, p in live.items() if not p.requires_grad)
 
 
 class SBFactor(torch.nn.Linear):

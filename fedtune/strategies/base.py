@@ -71,7 +71,7 @@ class ServerContext:
         down_codec: the downlink codec (``comm.down``), deterministic: the server runs it to know exactly
             what a client decodes (``comm.down_delta``, Fed-SB's frozen factors).
         down_delta: ``comm.down_delta``: send each client the change since the state it holds.
-        lora_mode: ``lora.mode`` (lora | ffa | sb).
+        lora_mode: ``lora.mode`` (lora | ffa | sb | alt).
         sb_init: ``lora.sb_init`` (svd | identity): how Fed-SB's switch factors A, B and R.
     """
 
@@ -224,13 +224,16 @@ def check_exchange(strategy: Strategy, *, lora_mode: str, down_delta: bool, sche
     name = type(strategy).__name__
     if lora_mode not in strategy.lora_modes:
         raise ConfigError(f"lora.mode={lora_mode}: strategy {name} supports {' | '.join(strategy.lora_modes)} only "
-                          "(ffa and sb: strategy=fedavg or gradualdiff)")
+                          "(ffa, sb and alt: strategy=fedavg or gradualdiff)")
     if down_delta and not strategy.supports_down_delta:
         raise ConfigError(f"comm.down_delta=true: strategy {name} does not broadcast the global state "
                           "(use strategy=fedavg or gradualdiff, or comm.down_delta=false)")
     if lora_mode == "sb" and schedule != "sync":
         raise ConfigError(f"lora.mode=sb: needs schedule=sync (a stale reply from before the switch to R "
                           f"would carry the old factors), not schedule={schedule}")
+    if lora_mode == "alt" and schedule != "sync":
+        raise ConfigError(f"lora.mode=alt: needs schedule=sync (a stale reply trained against another round's "
+                          f"frozen factor is not exact), not schedule={schedule}")
 
 
 def check_weighting(weighting: str) -> str:

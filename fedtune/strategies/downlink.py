@@ -16,19 +16,36 @@ Down, per client, per round (meta flags are a few bytes in the payload header):
   as they are and R starts at I. Either way the global model is unchanged. Each
   client receives the frozen factors once, on its first contact after the switch, and keeps them in its
   store entry; from then on only R (r x r per adapted layer) crosses the wire, both ways.
+- ``lora.mode=alt``: each message names the factor the round trains (``alt``: B in even rounds, A in odd
+  ones, :func:`~fedtune.models.lora.alt_factor`); within :meth:`GlobalDownlink.training` the client trains
+  and returns only that factor (and anything else trainable), and the server's :meth:`GlobalDownlink.merged`
+  puts the mean of what came back over the global state, the idle factor unchanged: exact, since every
+  client trained against the same global idle factor. With ``comm.down_delta`` the idle factor is not
+  sent down either (its delta is zero).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from fedtune.client.runtime import ClientContext
 from fedtune.comm.channel import Message
-from fedtune.models.lora import State, frozen_keys, get_trainable_state, sb_factorize, set_frozen_state, to_sb
+from fedtune.models.lora import (
+    State,
+    alt_factor,
+    frozen_keys,
+    get_trainable_state,
+    sb_factorize,
+    set_alt_phase,
+    set_frozen_state,
+    to_sb,
+)
 from fedtune.strategies.aggregate import add_scaled, subtract
 
 if TYPE_CHECKING:
@@ -44,7 +61,7 @@ class GlobalDownlink:
     into the global state to train from."""
 
     supports_down_delta: ClassVar[bool] = True
-    lora_modes: ClassVar[tuple[str, ...]] = ("lora", "ffa", "sb")
+    lora_modes: ClassVar[tuple[str, ...]] = ("lora", "ffa", "sb", "alt")
     server: ServerContext | None
     global_state: State
     _held: dict[int, State]  # comm.down_delta: per client, the state it holds (what it decoded)
@@ -61,10 +78,23 @@ class GlobalDownlink:
         # (a server context of a unit test may lack the exchange settings: their defaults then)
         if getattr(self.server, "lora_mode", "lora") == "sb" and self._factors is None and round_idx >= SB_WARMUP_ROUNDS:
             self._switch_to_sb()
-        return {cid: self._message(cid) for cid in client_ids}
+        alt = alt_factor(round_idx) if getattr(self.server, "lora_mode", "lora") == "alt" else None
+        return {cid: self._message(cid, alt=alt) for cid in client_ids}
 
-    def _message(self, cid: int) -> Message:
+    def merged(self, update: State) -> State:
+        """The new global state from the mean of a round's updates (states, or the deltas already added to
+        the global entries they cover): the update itself, or under ``lora.mode=alt`` the global state with
+        the entries the round trained replaced (the idle factor stays as it was)."""
+        if getattr(self.server, "lora_mode", "lora") != "alt":
+            assert update.keys() == self.global_state.keys(), sorted(update.keys() ^ self.global_state.keys())[:5]
+            return update
+        assert update.keys() <= self.global_state.keys(), sorted(update.keys() - self.global_state.keys())[:5]
+        return {**self.global_state, **update}
+
+    def _message(self, cid: int, *, alt: str | None = None) -> Message:
         tensors, meta = self.global_state, dict[str, Any]()
+        if alt is not None:
+            meta["alt"] = alt
         if getattr(self.server, "down_delta", False):
             held = self._held.get(cid)
             if held is not None and held.keys() == tensors.keys():
@@ -127,6 +157,20 @@ class GlobalDownlink:
             set_frozen_state(self.server.model, self._as_received(self._factors))
 
     # ---- client
+    @contextmanager
+    def training(self, client: ClientContext, message: Message) -> Iterator[None]:
+        """Client, around training and reading back the trained state: under ``lora.mode=alt`` only the
+        factor ``message`` names is trainable (and in the trainable state); both again on the way out."""
+        factor = message.meta.get("alt")
+        if factor is None:
+            yield
+            return
+        set_alt_phase(client.model, str(factor))
+        try:
+            yield
+        finally:
+            set_alt_phase(client.model, None)
+
     def received(self, client: ClientContext, message: Message) -> Message:
         """Client: the global state (as this client holds it) from what came down; keeps what it must."""
         tensors = dict(message.tensors)

@@ -6,7 +6,7 @@ Per round, per sampled client:
 Server: example-weighted (or uniform) mean of the uploaded states becomes the new global state.
 
 The trainable state is what ``lora.mode`` trains: A and B (lora), B only (ffa), the r x r matrices R
-after the first round (sb); each mean is exact for the product it stands for. ``comm.down_delta=true``
+after the first round (sb), B then A round by round (alt); each mean is exact for the product it stands for. ``comm.down_delta=true``
 sends each client the change since the state it holds (:mod:`fedtune.strategies.downlink`).
 """
 
@@ -31,13 +31,15 @@ class FedAvg(GlobalDownlink, StreamingMean, Strategy):
     def local_update(self, client: ClientContext, message: Message) -> Message:
         message = self.received(client, message)  # the global state, however it came down
         client.set_trainable(message.tensors)
-        result = client.train()
-        return Message(tensors=client.get_trainable(), meta={"num_examples": result.num_examples})
+        with self.training(client, message):  # lora.mode=alt: this round's factor only
+            result = client.train()
+            trained = client.get_trainable()
+        return Message(tensors=trained, meta={"num_examples": result.num_examples})
 
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
         mean = self.folded_mean(messages)  # sync rounds: folded reply by reply as they arrived
         if mean is not None:
-            self.global_state = mean
+            self.global_state = self.merged(mean)
             return {}
         replies = list(messages.values())
         weights = self.aggregation_weights(replies)
@@ -45,5 +47,5 @@ class FedAvg(GlobalDownlink, StreamingMean, Strategy):
         # in async rounds stale updates pull the global state less (FedAsync-style mixing).
         rest = 1.0 - sum(weights)
         states = [m.tensors for m in replies] + ([self.global_state] if abs(rest) > 1e-12 else [])
-        self.global_state = weighted_sum(states, weights + ([rest] if abs(rest) > 1e-12 else []))
+        self.global_state = self.merged(weighted_sum(states, weights + ([rest] if abs(rest) > 1e-12 else [])))
         return {}

@@ -52,6 +52,7 @@ from fedtune.models.lora import State
 from fedtune.strategies.aggregate import add_scaled
 from fedtune.strategies.base import ServerContext, Strategy
 from fedtune.strategies.fedcybgd_compress import decode_pruned, encode_pruned
+from fedtune.tensors import structure_changed
 from fedtune.train.local import Loss
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,12 @@ def _layers_as(model: torch.nn.Module, layers_path: str, layers: torch.nn.Module
     parent = model.get_submodule(parent_path)
     current = getattr(parent, attr)
     setattr(parent, attr, layers)
+    structure_changed(model)
     try:
         yield
     finally:
         setattr(parent, attr, current)
+        structure_changed(model)
 
 
 class FedCyBGD(Strategy):

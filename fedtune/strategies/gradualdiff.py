@@ -7,7 +7,7 @@ Server: theta_g <- theta_g + server_lr * mean_i(delta_i), the mean uniform 1/K a
 (``weighting=examples`` for a shard-size-weighted mean). With server_lr=1 and the same weights this
 is FedAvg; deltas are what make compression pay (see the ``comm`` codecs).
 
-``lora.mode`` (ffa: B only; sb: the r x r matrices R after the first round) and ``comm.down_delta`` work
+``lora.mode`` (ffa: B only; sb: the r x r matrices R after the first round; alt: B, then A) and ``comm.down_delta`` work
 as with FedAvg (:mod:`fedtune.strategies.downlink`): the deltas are over whatever is trainable.
 """
 
@@ -36,8 +36,10 @@ class GradualDiff(GlobalDownlink, StreamingMean, Strategy):
     def local_update(self, client: ClientContext, message: Message) -> Message:
         message = self.received(client, message)  # the global state, however it came down
         client.set_trainable(message.tensors)
-        result = client.train()
-        delta = subtract(client.get_trainable(), message.tensors)
+        with self.training(client, message):  # lora.mode=alt: this round's factor only
+            result = client.train()
+            trained = client.get_trainable()
+        delta = subtract(trained, {k: message.tensors[k] for k in trained})
         return Message(tensors=delta, meta={"num_examples": result.num_examples})
 
     def aggregate(self, round_idx: int, messages: dict[int, Message]) -> dict[str, float]:
@@ -45,5 +47,6 @@ class GradualDiff(GlobalDownlink, StreamingMean, Strategy):
         if mean_delta is None:
             replies = list(messages.values())
             mean_delta = weighted_sum([m.tensors for m in replies], self.aggregation_weights(replies))
-        self.global_state = add_scaled(self.global_state, mean_delta, self.server_lr)
+        covered = {k: self.global_state[k] for k in mean_delta}  # every entry, or (alt) this round's factor
+        self.global_state = self.merged(add_scaled(covered, mean_delta, self.server_lr))
         return {}

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from fedtune.data.format import Tokenized, collate
-from fedtune.tensors import nbytes
+from fedtune.tensors import module_parameters, nbytes, structure_cache
 
 
 @dataclass
@@ -97,7 +97,7 @@ def train_local(
     e.g. the local baseline, pass it back in as ``optimizer_state``).
     """
     loss_fn = loss_fn or default_loss
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in module_parameters(model) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -143,8 +143,16 @@ def compute_params(model: torch.nn.Module) -> int:
     Embedding tables are lookups, not matmuls, and are skipped, unless the same tensor is also a
     ``Linear`` weight: a tied LM head (``lm_head.weight is embed_tokens.weight``) is a vocab x hidden
     matmul for every token. peft's frozen ``original_module`` copies behind ``modules_to_save`` are not
-    run (the trainable copy is), so they are not counted.
+    run (the trainable copy is), so they are not counted. Counted once per model structure
+    (:func:`~fedtune.tensors.structure_cache`).
     """
+    cache = structure_cache(model)
+    if "compute_params" not in cache:
+        cache["compute_params"] = _count_compute_params(model)
+    return int(cache["compute_params"])
+
+
+def _count_compute_params(model: torch.nn.Module) -> int:
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)} - linear
     frozen_copies = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if ".original_module." in n}
@@ -154,7 +162,7 @@ def compute_params(model: torch.nn.Module) -> int:
 
 def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Bytes of the parameters, their gradients and the optimizer state the client holds (tensors measured)."""
-    total = sum(nbytes(p) + (nbytes(p.grad) if p.grad is not None else 0) for p in model.parameters())
+    total = sum(nbytes(p) + (nbytes(p.grad) if p.grad is not None else 0) for p in module_parameters(model))
     if optimizer is not None:
         total += sum(nbytes(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
     return total

@@ -17,6 +17,7 @@ from fedtune.config import compose_config
 from fedtune.data.format import collate
 from fedtune.seeding import Purpose, generator
 from fedtune.sim.clock import ClientProfile, client_time
+from fedtune.tensors import module_parameters
 from fedtune.train.local import batch_order, compute_params
 from fedtune.world import build_world
 
@@ -30,6 +31,34 @@ def test_compute_params_by_hand(tied):
     model = _llama(tied)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     assert compute_params(model) == PARAMS
+
+
+def test_compute_params_follows_a_change_of_structure():
+    """The count is kept per model structure; dropping layers (FedCyBGD) and Fed-SB's switch (an r x r R per
+    adapted layer) change it, by hand."""
+    from fedtune.models.blocks import only_layers
+
+    model = _llama(False)
+    assert compute_params(model) == PARAMS  # counted (and kept) before the change
+    with only_layers(model, "model.layers", [0]):
+        assert compute_params(model) == PARAMS - (LAYERS - 1) * (4 * H * H + 3 * H * INTER + 2 * H)
+        assert len(module_parameters(model)) == len(list(model.parameters()))
+    assert compute_params(model) == PARAMS
+
+
+def test_compute_params_counts_fed_sb_r_after_the_switch():
+    from omegaconf import OmegaConf
+
+    from fedtune.models.lora import apply_lora, to_sb
+
+    r = 4
+    cfg = OmegaConf.create({"enabled": True, "r": r, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                            "modules_to_save": [], "mode": "lora"})
+    model = apply_lora(_llama(False), cfg, default_targets=[])
+    lora = LAYERS * 2 * (r * H + H * r)  # A (r x H) and B (H x r) on q and v, every layer
+    assert compute_params(model) == PARAMS + lora
+    to_sb(model)
+    assert compute_params(model) == PARAMS + lora + LAYERS * 2 * r * r
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -1,4 +1,4 @@
-"""lora.mode=ffa|sb with FedAvg on the tiny model: what crosses the wire, exact aggregation, bytes by hand."""
+"""lora.mode=ffa|sb|alt with FedAvg on the tiny model: what crosses the wire, exact aggregation, bytes by hand."""
 
 import pytest
 import torch
@@ -167,6 +167,62 @@ def test_sb_end_to_end_three_rounds(run_fedtune):
     assert rows[1]["comm/down_bytes"] > rows[0]["comm/down_bytes"] > 20 * rows[2]["comm/down_bytes"]
 
 
+# ---- alternating (lora.mode=alt)
+
+@pytest.mark.parametrize("strategy", ["fedavg", "gradualdiff"])
+def test_alt_trains_and_sends_b_then_a_and_averages_exactly(strategy):
+    """Round 0: only B crosses (both ways with down_delta after the first contact), A stays; round 1: only
+    A, B stays; each new factor is the mean of the clients' (FedAvg: states; GradualDiff: global + mean
+    delta), so the product is exact against the idle factor every client shared."""
+    sim = Sim("lora.mode=alt", f"strategy={strategy}", "strategy.weighting=examples")
+    start = {k: v.clone() for k, v in sim.strategy.global_state.items()}
+    a_keys = {k for k in start if ".lora_A." in k}
+    b_keys = {k for k in start if ".lora_B." in k}
+    assert a_keys and b_keys and start.keys() == a_keys | b_keys
+    for round_idx, (trained, idle) in enumerate([(b_keys, a_keys), (a_keys, b_keys), (b_keys, a_keys)]):
+        before = {k: v.clone() for k, v in sim.strategy.global_state.items()}
+        downs, ups = sim.round(round_idx)
+        assert all(m.meta["alt"] == ("B" if trained is b_keys else "A") for m in downs.values())
+        assert all(m.tensors.keys() == trained for m in ups.values())  # only the round's factor goes up
+        after = sim.strategy.global_state
+        assert after.keys() == start.keys()
+        assert all(torch.equal(after[k], before[k]) for k in idle)  # the idle factor is as it was
+        assert all(not torch.equal(after[k], before[k]) for k in trained)  # the trained one moved
+        for k in trained:  # by hand: FedAvg the mean state, GradualDiff the global plus the mean delta
+            want = _mean(ups, k) + (before[k].double() if strategy == "gradualdiff" else 0)
+            assert torch.allclose(after[k].double(), want, atol=1e-6)
+        for kb in b_keys:  # exact: mean_i(B_i) A == mean_i(B_i A) and B mean_i(A_i) == mean_i(B A_i)
+            ka = kb.replace("lora_B", "lora_A")
+            base = {k: before[k] if strategy == "gradualdiff" else 0 for k in (ka, kb)}  # deltas: + global
+            prods = {}
+            for c, m in ups.items():
+                b_i = m.tensors[kb] + base[kb] if trained is b_keys else before[kb]
+                a_i = m.tensors[ka] + base[ka] if trained is a_keys else before[ka]
+                prods[c] = type(m)(tensors={"w": b_i @ a_i}, meta=m.meta)
+            assert torch.allclose((after[kb] @ after[ka]).double(), _mean(prods, "w"), atol=1e-5)
+    assert frozen_keys(sim.model) == frozenset()  # both factors trainable again between rounds (eval, load)
+
+
+def test_alt_uplink_is_about_half_of_plain_lora_and_down_delta_skips_the_idle_factor():
+    ab, alt = Sim(), Sim("lora.mode=alt", "comm.down_delta=true")
+    ab.round(0)
+    _, ups0 = alt.round(0)
+    # tiny (hidden 128, mlp 256, r 8): per layer A = 8192, B = 9216 values: round 0 sends B
+    assert ab.up_bytes(0, 0) > alt.up_bytes(0, 0) > 4 * 4 * 9216
+    assert alt.up_bytes(0, 0) / ab.up_bytes(0, 0) == pytest.approx(9216 / (8192 + 9216), abs=0.01)
+    downs, ups1 = alt.round(1)
+    b_keys = ups0[0].tensors.keys()
+    assert b_keys and all(".lora_B." in k for k in b_keys)
+    assert all(m.tensors.keys() == b_keys for m in downs.values())  # down: the new B only (A's delta is 0)
+    assert ups1[0].tensors.keys() == {k.replace("lora_B", "lora_A") for k in b_keys}  # up: A
+
+
+def test_alt_end_to_end_learns(run_fedtune):
+    _, out = run_fedtune("lora.mode=alt", "num_rounds=4", "lora.modules_to_save=[]", "local.max_steps=5")
+    losses = [r["eval/loss"] for r in read_metrics(out)]
+    assert losses[-1] < losses[1] < losses[0], losses
+
+
 # ---- which strategies, which settings
 
 def test_modes_are_checked_against_the_strategy_and_the_config():
@@ -177,6 +233,10 @@ def test_modes_are_checked_against_the_strategy_and_the_config():
         check_exchange(KD(), lora_mode="lora", down_delta=True, schedule="sync")
     with pytest.raises(ConfigError, match="lora.mode=sb.*schedule=sync"):
         check_exchange(FedAvg(), lora_mode="sb", down_delta=False, schedule="async")
+    with pytest.raises(ConfigError, match="lora.mode=alt.*schedule=sync"):
+        check_exchange(FedAvg(), lora_mode="alt", down_delta=False, schedule="semi_sync")
+    with pytest.raises(ConfigError, match="lora.mode=alt"):
+        check_exchange(KD(), lora_mode="alt", down_delta=False, schedule="sync")
     with pytest.raises(ConfigError, match="lora.mode=bogus"):
         validate(compose_config([*FAST, "lora.mode=bogus"]))
     with pytest.raises(ConfigError, match="lora.sb_init=qr"):

@@ -125,7 +125,10 @@ def test_down_delta_end_to_end_with_a_lossy_codec(run_fedtune):
     assert delta_rows[-1]["train/loss"] != full_rows[-1]["train/loss"]
 
 
-RESUME = {"down_delta": ["comm.down=int8", "comm.down_delta=true"], "sb": ["lora.mode=sb", "comm.down=int8"]}
+RESUME = {"down_delta": ["comm.down=int8", "comm.down_delta=true"], "sb": ["lora.mode=sb", "comm.down=int8"],
+          # alternating factors, the idle one's error-feedback residual waiting in the store for its next round
+          "alt": ["lora.mode=alt", "strategy=gradualdiff", "comm.up=sign", "comm.error_feedback=true",
+                  "comm.down_delta=true"]}
 
 
 @pytest.mark.parametrize("case", list(RESUME))

@@ -127,6 +127,21 @@ def test_only_layers_drops_and_restores():
         set_partial_state(model, {"nope": torch.zeros(1)})
 
 
+def test_swapping_the_layer_list_is_seen_by_the_structure_cache():
+    """Inside FedCyBGD's full-depth forward (``_layers_as``) and after it, the cached parameter list is the
+    model's current one (a stale list would count dropped layers as held, or miss them)."""
+    from fedtune.strategies.fedcybgd import _layers_as
+    from fedtune.tensors import module_parameters
+
+    model = _llama()
+    full = model.model.layers
+    with only_layers(model, "model.layers", [0]):
+        reduced = len(module_parameters(model))
+        with _layers_as(model, "model.layers", full):
+            assert len(module_parameters(model)) == len(list(model.parameters())) > reduced
+        assert len(module_parameters(model)) == len(list(model.parameters())) == reduced
+
+
 # ---- schedule, download, client
 
 
