@@ -20,8 +20,9 @@ Down, per client, per round (meta flags are a few bytes in the payload header):
   ones, :func:`~fedtune.models.lora.alt_factor`); within :meth:`GlobalDownlink.training` the client trains
   and returns only that factor (and anything else trainable), and the server's :meth:`GlobalDownlink.merged`
   puts the mean of what came back over the global state, the idle factor unchanged: exact, since every
-  client trained against the same global idle factor. With ``comm.down_delta`` the idle factor is not
-  sent down either (its delta is zero).
+  client trained against the same global idle factor. With ``comm.down_delta`` the idle factor's delta is
+  zero, and left out, only while the client's copy is bit for bit the global one (``held + delta``
+  rounds: later its delta is a few ulps and is sent; docs/strategies.md).
 """
 
 from __future__ import annotations
