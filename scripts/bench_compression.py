@@ -184,6 +184,9 @@ SETTINGS = {
     "alt": ["strategy=fedavg", "lora.mode=alt"],
     "alt+sign": [*COMPACT, "comm.up=sign", "lora.mode=alt"],
     "alt+tern": [*COMPACT, "comm.up=tern", "lora.mode=alt"],
+    # the same without error feedback: is alt's fall-back with a codec the residuals held across phases?
+    "alt+tern-noef": [*[o for o in COMPACT if not o.startswith("comm.error_feedback")], "comm.error_feedback=false",
+                      "comm.up=tern", "lora.mode=alt"],
     "ffa": ["strategy=fedavg", "lora.mode=ffa"],  # FFA-LoRA uncompressed: what freezing A costs by itself
     "sb+int8": [*COMPACT, "comm.up=int8", "lora.mode=sb"],  # lora.sb_init=svd (the default)
     "sb+sign": [*COMPACT, "comm.up=sign", "lora.mode=sb"],
