@@ -20,9 +20,14 @@ Down, per client, per round (meta flags are a few bytes in the payload header):
   ones, :func:`~fedtune.models.lora.alt_factor`); within :meth:`GlobalDownlink.training` the client trains
   and returns only that factor (and anything else trainable), and the server's :meth:`GlobalDownlink.merged`
   puts the mean of what came back over the global state, the idle factor unchanged: exact, since every
-  client trained against the same global idle factor. With ``comm.down_delta`` the idle factor's delta is
-  zero, and left out, only while the client's copy is bit for bit the global one (``held + delta``
-  rounds: later its delta is a few ulps and is sent; docs/strategies.md).
+  client trained against the same global idle factor. With ``comm.down_delta`` the idle factor is left out.
+
+``comm.down_delta`` and tensors the server did not change: a client's copy of a tensor is ``held + delta``,
+which can differ from the global tensor by a rounding (~1e-9 for a LoRA factor), so its next delta would
+be a few ulps, not zero. With a lossless downlink the server therefore numbers each global tensor's
+versions (a new version when its values change between broadcasts) and leaves out a tensor whose version
+the client already has. With a lossy codec the delta of an unchanged tensor is what the codec dropped,
+and it is sent (that is how the copies converge).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 
 from fedtune.client.runtime import ClientContext
 from fedtune.comm.channel import Message
+from fedtune.comm.codec import Identity
 from fedtune.models.lora import (
     State,
     alt_factor,
@@ -47,7 +53,7 @@ from fedtune.models.lora import (
     set_frozen_state,
     to_sb,
 )
-from fedtune.strategies.aggregate import add_scaled, subtract
+from fedtune.strategies.aggregate import add_scaled
 
 if TYPE_CHECKING:
     from fedtune.strategies.base import ServerContext
@@ -68,10 +74,16 @@ class GlobalDownlink:
     _held: dict[int, State]  # comm.down_delta: per client, the state it holds (what it decoded)
     _factors: State | None = None  # Fed-SB after the switch: the frozen A and B as the server sends them
     _has_factors: set[int]  # Fed-SB: clients that received the frozen factors
+    # comm.down_delta, lossless downlink: each global tensor's version (a new one when its values change
+    # between broadcasts), the global state at the last broadcast, and the versions each client holds
+    _versions: dict[str, int]
+    _last_global: State
+    _synced: dict[int, dict[str, int]]
 
     def setup(self, **kwargs: Any) -> None:
         super().setup(**kwargs)  # type: ignore[misc]  # Strategy.setup, next in the MRO
         self._held, self._factors, self._has_factors = {}, None, set()
+        self._versions, self._last_global, self._synced = {}, {}, {}
 
     # ---- server
     def send_global(self, round_idx: int, client_ids: list[int]) -> dict[int, Message]:
@@ -80,7 +92,18 @@ class GlobalDownlink:
         if getattr(self.server, "lora_mode", "lora") == "sb" and self._factors is None and round_idx >= SB_WARMUP_ROUNDS:
             self._switch_to_sb()
         alt = alt_factor(round_idx) if getattr(self.server, "lora_mode", "lora") == "alt" else None
+        if getattr(self.server, "down_delta", False) and isinstance(getattr(self.server, "down_codec", None),
+                                                                      Identity | None):  # lossless
+            self._new_versions()
         return {cid: self._message(cid, alt=alt) for cid in client_ids}
+
+    def _new_versions(self) -> None:
+        """A new version of each global tensor whose values changed since the last broadcast."""
+        for k, t in self.global_state.items():
+            last = self._last_global.get(k)
+            if last is None or last.shape != t.shape or last.dtype != t.dtype or not torch.equal(last, t):
+                self._versions[k] = self._versions.get(k, 0) + 1
+                self._last_global[k] = t.detach().clone()
 
     def merged(self, update: State) -> State:
         """The new global state from the mean of a round's updates (states, or the deltas already added to
@@ -98,14 +121,17 @@ class GlobalDownlink:
             meta["alt"] = alt
         if getattr(self.server, "down_delta", False):
             held = self._held.get(cid)
+            synced = self._synced.setdefault(cid, {})
             if held is not None and held.keys() == tensors.keys():
-                delta = subtract(tensors, held)
+                delta = {k: t - held[k] for k, t in tensors.items()
+                         if synced.get(k, -1) != self._versions.get(k)}  # (a version the client has: not sent)
                 tensors = {k: d for k, d in delta.items() if bool(d.any())}  # unchanged tensors: nothing to send
                 self._held[cid] = {**held, **add_scaled({k: held[k] for k in tensors}, self._as_received(tensors), 1.0)}
                 meta["down"] = "delta"
             else:
                 self._held[cid] = self._as_received(tensors)
                 meta["down"] = "full"
+            synced.update(self._versions)
         if self._factors is not None:
             meta["sb"] = 1
             if cid not in self._has_factors:
@@ -146,13 +172,17 @@ class GlobalDownlink:
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()  # type: ignore[misc]
-        return {**out, "down_held": self._held, "sb_factors": self._factors, "sb_has_factors": sorted(self._has_factors)}
+        return {**out, "down_held": self._held, "sb_factors": self._factors, "sb_has_factors": sorted(self._has_factors),
+                "down_versions": self._versions, "down_last_global": self._last_global, "down_synced": self._synced}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)  # type: ignore[misc]
         self._held = state.get("down_held", {})
         self._factors = state.get("sb_factors")
         self._has_factors = set(state.get("sb_has_factors", []))
+        self._versions = dict(state.get("down_versions", {}))
+        self._last_global = dict(state.get("down_last_global", {}))
+        self._synced = {int(c): dict(v) for c, v in state.get("down_synced", {}).items()}
         if self._factors is not None and self.server is not None:  # the server's model, as it was at the switch
             to_sb(self.server.model)  # type: ignore[arg-type]
             set_frozen_state(self.server.model, self._as_received(self._factors))

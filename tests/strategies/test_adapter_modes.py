@@ -1,5 +1,7 @@
 """lora.mode=ffa|sb|alt with FedAvg on the tiny model: what crosses the wire, exact aggregation, bytes by hand."""
 
+import copy
+
 import pytest
 import torch
 from conftest import FAST, read_metrics
@@ -210,11 +212,47 @@ def test_alt_uplink_is_about_half_of_plain_lora_and_down_delta_skips_the_idle_fa
     # tiny (hidden 128, mlp 256, r 8): per layer A = 8192, B = 9216 values: round 0 sends B
     assert ab.up_bytes(0, 0) > alt.up_bytes(0, 0) > 4 * 4 * 9216
     assert alt.up_bytes(0, 0) / ab.up_bytes(0, 0) == pytest.approx(9216 / (8192 + 9216), abs=0.01)
-    downs, ups1 = alt.round(1)
-    b_keys = ups0[0].tensors.keys()
+    b_keys = set(ups0[0].tensors.keys())
+    a_keys = {k.replace("lora_B", "lora_A") for k in b_keys}
     assert b_keys and all(".lora_B." in k for k in b_keys)
-    assert all(m.tensors.keys() == b_keys for m in downs.values())  # down: the new B only (A's delta is 0)
-    assert ups1[0].tensors.keys() == {k.replace("lora_B", "lora_A") for k in b_keys}  # up: A
+    for round_idx in range(1, 6):  # down: only what the last round changed, never the idle factor again
+        downs, ups = alt.round(round_idx)
+        changed, trained = (b_keys, a_keys) if round_idx % 2 else (a_keys, b_keys)
+        assert all(m.tensors.keys() == changed for m in downs.values()), round_idx
+        assert all(m.meta["down"] == "delta" for m in downs.values())
+        assert ups[0].tensors.keys() == trained
+        for cid in (0, 1):  # the client trains from the global state (to a rounding: held + delta)
+            held = alt.runtime.store.get(cid)["down_held"]
+            assert all(torch.allclose(held[k], alt.strategy._last_global[k], atol=1e-6) for k in held)
+
+
+def test_down_delta_sends_a_tensor_the_server_changed_back_to_an_earlier_value():
+    """Versions follow changes of value between broadcasts: a tensor changed and changed back is sent."""
+    sim = Sim("comm.down_delta=true")
+    sim.round(0)
+    s = sim.strategy
+    assert s.broadcast(1, [0])[0].tensors.keys() == s.global_state.keys()  # round 0 changed every tensor
+    key = next(iter(s.global_state))
+    s.global_state = {**s.global_state, key: s.global_state[key] + 1.0}  # (broadcasts without rounds)
+    assert s.broadcast(2, [0])[0].tensors.keys() == {key}
+    s.global_state = {**s.global_state, key: s.global_state[key] - 1.0}
+    assert s.broadcast(3, [0])[0].tensors.keys() == {key}
+    assert s.broadcast(4, [0])[0].tensors == {}
+
+
+def test_down_delta_leaves_out_a_rounding_of_a_version_the_client_holds_also_after_resume():
+    """The client's copy of an unchanged tensor off by an ulp (as ``held + delta`` can be): not sent, and
+    the versions come back with the strategy's state (a resumed server sends the same)."""
+    sim = Sim("comm.down_delta=true")
+    sim.round(0)
+    s = sim.strategy
+    s.broadcast(1, [0])  # client 0 now holds every tensor's version
+    key = next(iter(s.global_state))
+    s._held[0][key] = torch.nextafter(s._held[0][key], s._held[0][key] + 1)  # one ulp off the global value
+    resumed = Sim("comm.down_delta=true").strategy
+    resumed.load_state_dict(copy.deepcopy(s.state_dict()))
+    for strategy in (resumed, s):
+        assert strategy.broadcast(2, [0])[0].tensors == {}
 
 
 def test_alt_end_to_end_learns(run_fedtune):
