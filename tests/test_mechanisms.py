@@ -15,7 +15,7 @@ from fedtune import checkpoint
 from fedtune.client.runtime import ClientRuntime, LocalConfig
 from fedtune.client.store import ClientStore
 from fedtune.comm.channel import Channel, Message
-from fedtune.seeding import derive_seed, sample_clients
+from fedtune.seeding import derive_seed, sample_clients, seed_global
 
 VOLATILE = ("time/", "mem/process")
 
@@ -154,6 +154,16 @@ def test_store_get_makes_an_entry_most_recently_used(tmp_path):
 
 
 # ---- seeding and client sampling ------------------------------------------------------------------
+
+def test_seed_global_draws_as_torch_manual_seed_does():
+    """The CPU shortcut seeds the same generator: dropout masks and torch.rand draws are torch.manual_seed's."""
+    for device in ("cpu", "meta"):  # (another device type takes torch.manual_seed itself)
+        torch.manual_seed(1)
+        seed_global(123, torch.device(device))
+        got = (torch.rand(5), torch.nn.functional.dropout(torch.ones(8), 0.5))
+        torch.manual_seed(123)
+        assert torch.equal(got[0], torch.rand(5)) and torch.equal(got[1], torch.nn.functional.dropout(torch.ones(8), 0.5))
+
 
 def test_derive_seed_depends_on_every_key():
     keys = (7, 3, 11, 2)

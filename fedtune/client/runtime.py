@@ -18,7 +18,7 @@ from fedtune.comm.channel import Channel, Message
 from fedtune.comm.feedback import compress_with_feedback, corrected
 from fedtune.data.format import Tokenized
 from fedtune.models.lora import State, get_trainable_state, set_trainable_state
-from fedtune.seeding import Purpose, derive_seed, generator
+from fedtune.seeding import Purpose, derive_seed, generator, seed_global
 from fedtune.train.local import LossFn, TrainResult, plan_steps, train_local
 
 
@@ -75,7 +75,7 @@ class ClientRuntime:
         """Run ``strategy.local_update`` for one client; its store entry is saved afterwards."""
         # Dropout draws from the global RNG: seed it per (seed, round, client) so a client's update
         # does not depend on which clients ran before it, or on which worker runs it.
-        torch.manual_seed(derive_seed(self.seed, round_idx, client_id, Purpose.TRAIN))
+        seed_global(derive_seed(self.seed, round_idx, client_id, Purpose.TRAIN), self.device)
         pool = message.pool or (client_id,)
         indices = sorted(i for c in pool for i in self.shards[c])
         ctx = ClientContext(

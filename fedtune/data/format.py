@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -35,16 +35,42 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return ids
 
 
+# Largest padded copy (elements a tensor) :meth:`Tokenized.padded` keeps: 64 MB of int64 ids
+PADDED_MAX_ELEMENTS = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class Padded:
+    """Every example right-padded to the longest: what :func:`collate` slices its batches from."""
+
+    input_ids: torch.Tensor  # (N, L) padded with the pad id
+    labels: torch.Tensor  # (N, L') padded with IGNORE_INDEX, or (N,) class labels
+    lengths: torch.Tensor  # (N,) tokens of each example
+    label_lengths: torch.Tensor | None  # (N,) when a label row's length differs from its input's
+
+
 @dataclass
 class Tokenized:
-    """Per-example token ids and labels (prompt positions masked with -100)."""
+    """Per-example token ids and labels (prompt positions masked with -100).
+
+    The rows are not changed after tokenization: :meth:`padded` keeps a padded copy of them.
+    """
 
     input_ids: list[torch.Tensor]
     labels: list[torch.Tensor]
     num_truncated: int = 0
+    _padded: dict[int, Padded | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def padded(self, pad_id: int) -> Padded | None:
+        """All rows padded once (per pad id), or None when that copy would be larger than
+        :data:`PADDED_MAX_ELEMENTS` or twice the tokens (long-tailed lengths): batches are then
+        padded one by one."""
+        if pad_id not in self._padded:
+            self._padded[pad_id] = _pad_all(self, pad_id)
+        return self._padded[pad_id]
 
 
 def tokenize_generate(
@@ -73,12 +99,52 @@ def tokenize_generate(
     return Tokenized(input_ids=input_ids, labels=labels, num_truncated=truncated)
 
 
+def _pad_all(tok: Tokenized, pad_id: int) -> Padded | None:
+    if not len(tok):
+        return None
+    lengths = torch.tensor([len(r) for r in tok.input_ids])
+    width = int(lengths.max())
+    if len(tok) * width > min(PADDED_MAX_ELEMENTS, 2 * int(lengths.sum()) + 4096):
+        return None
+    token_labels = tok.labels[0].dim() > 0
+    if token_labels:
+        label_lengths = torch.tensor([len(r) for r in tok.labels])
+        if len(tok) * int(label_lengths.max()) > min(PADDED_MAX_ELEMENTS, 2 * int(label_lengths.sum()) + 4096):
+            return None
+        labels = pad_sequence(tok.labels, batch_first=True, padding_value=IGNORE_INDEX)
+    else:
+        labels = torch.stack(tok.labels)
+    return Padded(
+        input_ids=pad_sequence(tok.input_ids, batch_first=True, padding_value=pad_id), labels=labels,
+        lengths=lengths,
+        label_lengths=label_lengths if token_labels and not torch.equal(label_lengths, lengths) else None,
+    )
+
+
 def collate(tok: Tokenized, indices: list[int], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids, attention_mask, labels.
 
     Token labels are padded with -100 (ignored by the loss); a classification label (0-d tensor per
-    example) is stacked into shape (batch,).
+    example) is stacked into shape (batch,). The batch is sliced from the data's padded copy
+    (:meth:`Tokenized.padded`) when it has one: the same tensors as padding the rows, ~2x faster.
     """
+    padded = tok.padded(pad_id)
+    if padded is None:
+        return _collate_rows(tok, indices, pad_id=pad_id)
+    idx = torch.tensor(indices, dtype=torch.long)
+    lengths = padded.lengths[idx]
+    width = int(lengths.max())
+    mask = (torch.arange(width) < lengths[:, None]).long()
+    if padded.labels.dim() == 1:
+        labels = padded.labels[idx]
+    else:
+        label_width = width if padded.label_lengths is None else int(padded.label_lengths[idx].max())
+        labels = padded.labels[idx, :label_width]
+    return {"input_ids": padded.input_ids[idx, :width], "attention_mask": mask, "labels": labels}
+
+
+def _collate_rows(tok: Tokenized, indices: list[int], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """:func:`collate` padding the batch's own rows."""
     rows = [tok.input_ids[i] for i in indices]
     ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
     lengths = torch.tensor([len(r) for r in rows])

@@ -9,9 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from fedtune.data.format import Tokenized, collate
 from fedtune.tensors import module_parameters, nbytes, structure_cache
+
+# train() methods that only set the mode (transformers' re-applies kernels on a change of mode only)
+_PLAIN_TRAIN = (torch.nn.Module.train, PreTrainedModel.train)
 
 
 @dataclass
@@ -101,7 +105,7 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    model.train()
+    train_mode(model)
     start = time.perf_counter()
     total_loss, tokens, steps = 0.0, 0, 0
     term_sums: dict[str, float] = {}
@@ -131,6 +135,17 @@ def train_local(
         mem_bytes=held_bytes(model, optimizer),
     )
     return result, optimizer.state_dict()
+
+
+def train_mode(model: torch.nn.Module) -> None:
+    """``model.train()``, skipped when every submodule is already in training mode and none overrides
+    ``train`` (peft's DoRA layers clear a cache there): the walk costs ~0.3 ms a client update."""
+    cache = structure_cache(model)
+    if "modules" not in cache:
+        cache["modules"] = list(model.modules())
+        cache["plain_train"] = all(type(m).train in _PLAIN_TRAIN for m in cache["modules"])
+    if not (cache["plain_train"] and all(m.training for m in cache["modules"])):
+        model.train()
 
 
 def _item(value: torch.Tensor | float) -> float:
