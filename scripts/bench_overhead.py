@@ -18,6 +18,13 @@ plain ...), so both see the same machine state:
 
 Reported per configuration: the steady round (median of rounds 2..N; round 1 pays one-time costs) of
 fedtune / plain, and whole-process wall time fedtune / plain; each the median over repeats.
+
+``--paired`` (sequential engine): this machine's speed drifts by +-20% over seconds (a 512x512 matmul
+loop timed every ~0.4 s: 0.343-0.488 s), more than the gap measured, and separate processes run ~45 s
+apart. Paired runs put both loops in ONE process, round by round: fedtune runs in-process and, after each
+of its rounds is logged, the plain loop (its own model, built from the same world, and its own AdamW)
+trains the same round's batches. Round r's ratio is fedtune's rounds r and r+1 (on either side of the
+plain round r) over plain round r; reported: the median over steady rounds, then over repeats.
 The workload (issue 15): tiny Llama hidden 64 / 2 layers, LoRA r=8 on q_proj,v_proj only, batch 8,
 10 local steps per client, 5 rounds, FedAvg, no evaluation during rounds.
 """
@@ -79,14 +86,24 @@ def plain(overrides: list[str]) -> None:
     import torch
 
     from fedtune.config import compose_config
+
+    cfg = compose_config([o for o in overrides if not o.startswith("engine")])
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    train_round = plain_rounds(cfg)
+    print(json.dumps({"rounds": [train_round(r) for r in range(cfg.num_rounds)]}))
+
+
+def plain_rounds(cfg):  # noqa: ANN001, ANN201  (a DictConfig -> a function of the round)
+    """The plain loop's world and batches (built and collated now, untimed); returns ``train(round_idx)``,
+    which trains that round's batches with one AdamW and returns its wall seconds."""
+    import torch
+
     from fedtune.data.format import collate
     from fedtune.seeding import Purpose, generator, sample_clients
     from fedtune.train.local import batch_order, plan_steps
     from fedtune.world import build_world, resolve_device
 
-    cfg = compose_config([o for o in overrides if not o.startswith("engine")])
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
     world = build_world(cfg, device=resolve_device(str(cfg.device)))
     model, data, shards, pad = world.model, world.task.train, world.shards, world.tokenizer.pad_token_id
     rounds = []
@@ -103,19 +120,59 @@ def plain(overrides: list[str]) -> None:
         rounds.append(batches)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)  # as the clients
-    model.train()
-    seconds = []
-    for batches in rounds:
+
+    def train(round_idx: int) -> float:
+        model.train()
         start = time.perf_counter()
-        for batch in batches:
+        for batch in rounds[round_idx]:
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.local.grad_clip)
             optimizer.step()
             loss.item()
-        seconds.append(time.perf_counter() - start)
-    print(json.dumps({"rounds": seconds}))
+        return time.perf_counter() - start
+
+    return train
+
+
+def paired(overrides: list[str]) -> None:
+    """Both loops in this process (child): fedtune's run, and after each round it logs, the plain loop's
+    same round; prints both lists of per-round seconds."""
+    import torch
+
+    from fedtune.config import compose_config
+    from fedtune.run import run
+    from fedtune.sinks import Sinks
+
+    cfg = compose_config(overrides)
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    train_round = plain_rounds(compose_config([o for o in overrides if not o.startswith("engine")]))
+    plain_s: list[float] = []
+    log = Sinks.log
+
+    def log_then_plain(self: Sinks, metrics: dict, step: int) -> None:
+        log(self, metrics, step)
+        plain_s.append(train_round(step))
+
+    Sinks.log = log_then_plain  # type: ignore[method-assign]
+    out = Path(tempfile.mkdtemp(prefix="bench-overhead-")) / "run"
+    run(cfg, out_dir=out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    print(json.dumps({"fedtune": [r["time/round_s"] - r["time/eval_s"] for r in rows], "plain": plain_s}))
+
+
+def paired_process(overrides: list[str]) -> tuple[list[float], list[float]]:
+    proc = subprocess.run([sys.executable, __file__, "--paired-child", "--", *overrides], env=_env(), check=True,
+                          capture_output=True, text=True, cwd=ROOT)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return got["fedtune"], got["plain"]
+
+
+def paired_ratio(fedtune: list[float], plain: list[float]) -> float:
+    """Median over steady rounds r (1 .. N-2) of mean(fedtune r, fedtune r+1) / plain r."""
+    return statistics.median((fedtune[r] + fedtune[r + 1]) / 2 / plain[r] for r in range(1, len(plain) - 1))
 
 
 def steady(rounds: list[float]) -> float:
@@ -127,11 +184,29 @@ def main() -> None:
     parser.add_argument("--clients", default="3,10,30,100", help="comma-separated client counts")
     parser.add_argument("--engines", default="sequential,parallel", help="comma-separated engines")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--paired", action="store_true", help="both loops in one process, round by round "
+                        "(sequential engine; module docstring)")
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--paired-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("extra", nargs="*", help="more overrides (after --)")
     args = parser.parse_args()
     if args.plain:
         plain(args.extra)
+        return
+    if args.paired_child:
+        paired(args.extra)
+        return
+    if args.paired:
+        print("| clients | steady round: fedtune / plain (s), paired in one process | ratio (per-repeat ratios) |")
+        print("|---:|---|---:|")
+        for clients in [int(c) for c in args.clients.split(",")]:
+            pairs = [paired_process(overrides_for(clients, "sequential", args.extra)) for _ in range(args.repeats)]
+            ratios = [paired_ratio(f, p) for f, p in pairs]
+            f_round = statistics.median(steady(f) for f, _ in pairs)
+            p_round = statistics.median(steady(p) for _, p in pairs)
+            print(f"| {clients} | {f_round:.3f} / {p_round:.3f} | {statistics.median(ratios):.3f}x "
+                  f"({', '.join(f'{r:.3f}' for r in ratios)}) |", flush=True)
+        print(f"\nworkload: {' '.join(WORKLOAD)}; {args.repeats} repeats, medians")
         return
     print("| clients | engine | steady round: fedtune / plain (s) | ratio | process: fedtune / plain (s) | ratio |")
     print("|---:|---|---|---:|---|---:|")
