@@ -43,8 +43,9 @@ lint: install ## ruff, the import-layer contracts (lint-imports, pyproject [tool
 hooks: install ## install the git pre-commit hooks (.pre-commit-config.yaml: ruff, lint-imports)
 	$(BIN)/pre-commit install
 
-bench-overhead: install ## fedtune round loop vs a plain PyTorch loop on the same batches (ratio, median of 3)
+bench-overhead: install ## fedtune round loop vs a plain PyTorch loop on the same batches (separate processes; then paired in one)
 	$(BIN)/python scripts/bench_overhead.py
+	$(BIN)/python scripts/bench_overhead.py --paired --clients 3,10,30 --repeats 4 -- num_rounds=12
 
 mutation-check: install ## curated mutations applied to a scratch copy: every one must fail a test (tests/mutations.toml)
 	$(BIN)/python scripts/mutation_check.py $(MUTATION_ARGS)

@@ -180,6 +180,11 @@ SETTINGS = {
     # indices on the wire), sign-coded; error feedback carries the rest to a later round
     "randk0.75+sign": [*COMPACT, "comm.up=randk0.75+sign"],
     "randk0.5+sign": [*COMPACT, "comm.up=randk0.5+sign"],
+    # the same with a scale every 64 kept values (block 256 by default): does the scale's reach cost accuracy?
+    "randk0.75+sign@64": [*COMPACT, "comm.up=randk0.75+sign@64"],
+    # ... and without error feedback: is the residual carried to later rounds what costs accuracy?
+    "randk0.75+sign-noef": [*[o for o in COMPACT if not o.startswith("comm.error_feedback")],
+                            "comm.error_feedback=false", "comm.up=randk0.75+sign"],
     # alternating factors (lora.mode=alt): B in even rounds, A in odd ones; half the LoRA values a round
     "alt": ["strategy=fedavg", "lora.mode=alt"],
     "alt+sign": [*COMPACT, "comm.up=sign", "lora.mode=alt"],
