@@ -185,6 +185,8 @@ SETTINGS = {
     # ... and without error feedback: is the residual carried to later rounds what costs accuracy?
     "randk0.75+sign-noef": [*[o for o in COMPACT if not o.startswith("comm.error_feedback")],
                             "comm.error_feedback=false", "comm.up=randk0.75+sign"],
+    # ... and with a server step of 1.5 (GradualDiff's server_lr): a change of method, named as such
+    "randk0.75+sign-slr1.5": [*COMPACT, "comm.up=randk0.75+sign", "strategy.server_lr=1.5"],
     # alternating factors (lora.mode=alt): B in even rounds, A in odd ones; half the LoRA values a round
     "alt": ["strategy=fedavg", "lora.mode=alt"],
     "alt+sign": [*COMPACT, "comm.up=sign", "lora.mode=alt"],
