@@ -187,6 +187,10 @@ SETTINGS = {
                             "comm.error_feedback=false", "comm.up=randk0.75+sign"],
     # ... and with a server step of 1.5 (GradualDiff's server_lr): a change of method, named as such
     "randk0.75+sign-slr1.5": [*COMPACT, "comm.up=randk0.75+sign", "strategy.server_lr=1.5"],
+    # per tensor: the classification head (MiniLM's "classifier", 8% of the values sent on Banking77) coded
+    # apart from the LoRA factors: is the 1-bit head what Banking77's 77 classes lose?
+    **{f"randk0.75+sign~head-{head}": [*COMPACT, f"comm.up=randk0.75+sign|classifier:{head}"]
+       for head in ("fp32", "int8", "int3", "int2", "tern", "sign@64")},
     # alternating factors (lora.mode=alt): B in even rounds, A in odd ones; half the LoRA values a round
     "alt": ["strategy=fedavg", "lora.mode=alt"],
     "alt+sign": [*COMPACT, "comm.up=sign", "lora.mode=alt"],

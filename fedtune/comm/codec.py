@@ -7,7 +7,8 @@ everything the receiver needs is in the encoded tensors or in ``meta`` -- nothin
 
 The spec grammar (``comm.up=...``, ``comm.down=...``) is parsed by :func:`fedtune.comm.spec.make_codec`::
 
-    spec   := value | sparse | sparse '+' value
+    spec   := codec ('|' PATTERN ':' codec)*    (per-tensor rules, see ByName)
+    codec  := value | sparse | sparse '+' value
     value  := none | fp32 | fp16 | bf16 | int8['@'B] | nf4['@'B] | fp4['@'B] | lowbit['s']['@'B]
     lowbit := sign | tern | int2 | int3   (1, 1.6, 2, 3 bits a value; 's': stochastic rounding)
     sparse := topk F | randk F            (0 < F <= 1: the kept fraction, per tensor)
@@ -32,6 +33,7 @@ elements int8 already halves it. 256 leaves a margin above break-even, and keeps
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Protocol
 
 import torch
@@ -116,3 +118,63 @@ class Compose:
 
     def decode(self, tensors: Tensors, meta: dict[str, str]) -> Tensors:
         return self.first.decode(self.second.decode(tensors, meta), meta)
+
+
+class ByName:
+    """Per-tensor codecs: each tensor goes through the codec of the first rule whose pattern occurs in its
+    name (``fnmatch`` wildcards: ``*`` any run of characters, ``?`` one), the rest through ``default``.
+
+    ``randk0.75+sign|classifier:int3`` codes the classification head at 3 bits and everything else as
+    random-k + sign. The receiver routes by the same rules: an encoded tensor by its name before ``::``,
+    a meta key likewise, and a codec's own ``@`` parameters carry the rule's number (``@int3/1``), so two
+    rules with the same codec kind never share a key. Nothing extra goes on the wire.
+    """
+
+    def __init__(self, default: Codec, rules: list[tuple[str, Codec]], name: str = "") -> None:
+        assert rules, "ByName needs at least one rule"
+        self.codecs = [default, *(codec for _, codec in rules)]
+        self.patterns = [pattern for pattern, _ in rules]
+        self.name = name or "|".join([default.name, *(f"{p}:{c.name}" for p, c in rules)])
+        self._routes: dict[str, int] = {}
+
+    def route(self, name: str) -> int:
+        """0 for the default codec, else the number of the first rule that matches ``name``."""
+        base = name.split("::", 1)[0]
+        if base not in self._routes:
+            self._routes[base] = next(
+                (i for i, p in enumerate(self.patterns, 1) if fnmatchcase(base, f"*{p}*")), 0)
+        return self._routes[base]
+
+    def encode(self, tensors: Tensors) -> tuple[Tensors, dict[str, str]]:
+        parts: list[Tensors] = [{} for _ in self.codecs]
+        for key, t in tensors.items():
+            parts[self.route(key)][key] = t
+        out: Tensors = {}
+        meta: dict[str, str] = {}
+        for i, (codec, part) in enumerate(zip(self.codecs, parts)):
+            if not part:
+                continue
+            encoded, part_meta = codec.encode(part)
+            assert not out.keys() & encoded.keys(), f"encoded names clash: {out.keys() & encoded.keys()}"
+            out.update(encoded)
+            meta.update({f"{k}/{i}" if k.startswith("@") and i else k: v for k, v in part_meta.items()})
+        return out, meta
+
+    def decode(self, tensors: Tensors, meta: dict[str, str]) -> Tensors:
+        parts: list[Tensors] = [{} for _ in self.codecs]
+        metas: list[dict[str, str]] = [{} for _ in self.codecs]
+        for key, t in tensors.items():
+            parts[self.route(key)][key] = t
+        for key, value in meta.items():
+            if key.startswith("@"):
+                base, slash, rule = key.rpartition("/")
+                i = int(rule) if slash and rule.isdigit() else 0
+                metas[i][base if i else key] = value
+            else:
+                metas[self.route(key)][key] = value
+        out: Tensors = {}
+        for codec, part, part_meta in zip(self.codecs, parts, metas):
+            if part:
+                out.update(codec.decode(part, part_meta))
+        order = dict.fromkeys(key.split("::", 1)[0] for key in tensors)  # the order they arrived in
+        return {key: out[key] for key in order if key in out} | out

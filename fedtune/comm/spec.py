@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import torch
 
-from fedtune.comm.codec import Cast, Codec, Compose, Identity
+from fedtune.comm.codec import ByName, Cast, Codec, Compose, Identity
 from fedtune.comm.lowbit import LowBit
 from fedtune.comm.quantize import FourBit, Int8
 from fedtune.comm.sparse import RandomK, TopK
@@ -19,9 +19,11 @@ from fedtune.errors import ConfigError
 
 GRAMMAR = ("none|fp32|fp16|bf16|int8[@B]|nf4[@B]|fp4[@B]|sign[s][@B]|tern[s][@B]|int2[s][@B]|int3[s][@B] "
            "(B: block size; s: stochastic rounding), topkF|randkF (0<F<=1, kept fraction), "
-           "or topkF+<one of those> (e.g. topk0.01+int8)")
+           "or topkF+<one of those> (e.g. topk0.01+int8); per tensor: <codec>|<pattern>:<codec>... "
+           "(e.g. randk0.75+sign|classifier:int3: tensors whose name contains the pattern take its codec)")
 
 _VALUE = re.compile(r"(none|fp32|fp16|bf16)|(int8|nf4|fp4|sign|tern|int2|int3)(s?)(?:@(\d+))?")
+_PATTERN = re.compile(r"[\w.*?\-]+")
 _SPARSE = re.compile(r"(topk|randk)((?:\d+\.?\d*|\.\d+)(?:e-?\d+)?)")
 
 
@@ -54,7 +56,9 @@ def make_codec(spec: str, *, key: str = "comm", seed: int = 0) -> Codec:
     """A codec from its spec (see the module docstring for the grammar).
 
     Args:
-        spec: e.g. ``none``, ``bf16``, ``int8@64``, ``nf4``, ``topk0.01+int8``, ``randk0.1``.
+        spec: e.g. ``none``, ``bf16``, ``int8@64``, ``nf4``, ``topk0.01+int8``, ``randk0.1``, or per tensor
+            ``randk0.75+sign|classifier:int3`` (a :class:`~fedtune.comm.codec.ByName`: the first rule whose
+            pattern occurs in a tensor's name picks its codec; the first codec takes the rest).
         key: the config key it came from, named in the error message.
         seed: mixed into random-k's and stochastic rounding's draws (which also depend on each tensor's
             name and content).
@@ -62,7 +66,24 @@ def make_codec(spec: str, *, key: str = "comm", seed: int = 0) -> Codec:
     Raises:
         ConfigError: unknown or malformed spec (one line naming ``key`` and listing the grammar).
     """
-    text = str(spec).strip().lower()
+    text = str(spec).strip()
+    if "|" not in text:
+        return _single_codec(text.lower(), spec, key, seed)
+    default, *rules = text.split("|")
+    parsed = []
+    for rule in rules:
+        pattern, colon, sub = rule.rpartition(":")
+        if not colon or _PATTERN.fullmatch(pattern) is None:
+            raise ConfigError(f"{key}={spec}: per-tensor rule {rule!r} must be <pattern>:<codec> (pattern: letters, "
+                              f"digits, . _ - and the wildcards * ?), e.g. {key}=randk0.75+sign|classifier:int3")
+        parsed.append((pattern, _single_codec(sub.strip().lower(), spec, key, seed)))
+    codecs = [_single_codec(default.strip().lower(), spec, key, seed), *(c for _, c in parsed)]
+    if all(isinstance(c, Identity) for c in codecs):
+        return codecs[0]
+    return ByName(codecs[0], parsed, name=text)
+
+
+def _single_codec(text: str, spec: str, key: str, seed: int) -> Codec:
     first, plus, rest = text.partition("+")
     codec = _value_codec(first, seed) if not plus else None
     if codec is None:
