@@ -48,6 +48,10 @@ from fedtune.comm.spec import make_codec  # noqa: E402
 Flat = dict[str, torch.Tensor]
 
 
+def say(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+
+
 def _cat(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([tensors[k].detach().float().reshape(-1) for k in names])
 
@@ -134,11 +138,11 @@ def main() -> None:
     rows = bench.metrics(overrides)
 
     quality = rows[-1].get("eval/accuracy")
-    print(f"{args.task} {args.setting} seed {args.seed}, {args.rounds} rounds: final "
+    say(f"{args.task} {args.setting} seed {args.seed}, {args.rounds} rounds: final "
           + (f"accuracy {100 * quality:.1f}%" if quality is not None else f"eval loss {rows[-1]['eval/loss']:.3f}"))
     table = []
-    print("\n| round | group | values | agree (orthogonal) | pair cos | cos | rel err | norm | backlog |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    say("\n| round | group | values | agree (orthogonal) | pair cos | cos | rel err | norm | backlog |")
+    say("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in sorted(per_round):
         clients = per_round[r]
         names = [k for k in clients[0]["computed"]]
@@ -148,20 +152,20 @@ def main() -> None:
                 continue
             row = {"round": r, "group": g, **fidelity(clients, members)}
             table.append(row)
-            print(f"| {r} | {g} | {row['values']:,} | {row['agree']:.2f} ({row['clients'] ** -0.5:.2f}) | "
+            say(f"| {r} | {g} | {row['values']:,} | {row['agree']:.2f} ({row['clients'] ** -0.5:.2f}) | "
                   f"{row['pair_cos']:.3f} | {row['cos']:.3f} | {row['rel_err']:.3f} | {row['norm']:.3f} | "
                   f"{row['backlog']:.3f} |")
     codecs = []
     if args.codecs:
         kept = [[c["computed"] for c in per_round[r]] for r in sorted(per_round)[: args.keep_rounds]]
-        print(f"\nCodecs on the computed updates of rounds 0-{len(kept) - 1} (no error feedback):\n")
-        print("| codec | bits a value | vs fp32 | client rel err | rel err of the mean |")
-        print("|---|---:|---:|---:|---:|")
+        say(f"\nCodecs on the computed updates of rounds 0-{len(kept) - 1} (no error feedback):\n")
+        say("| codec | bits a value | vs fp32 | client rel err | rel err of the mean |")
+        say("|---|---:|---:|---:|---:|")
         for spec in args.codecs.split(","):
             row = codec_table(spec, kept)
             codecs.append(row)
             cell = spec.replace("|", "\\|")  # a per-tensor spec's | inside a markdown cell
-            print(f"| {cell} | {row['bits_per_value']:.3f} | {row['ratio']:.1f}x | {row['client_err']:.3f} | "
+            say(f"| {cell} | {row['bits_per_value']:.3f} | {row['ratio']:.1f}x | {row['client_err']:.3f} | "
                   f"{row['mean_err']:.3f} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
