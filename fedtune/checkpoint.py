@@ -83,6 +83,14 @@ def save(folder: Path, round_idx: int, state: dict[str, Any], *, keep_last: int,
     return path
 
 
+def latest_round(folder: Path) -> int | None:
+    """The round ``latest`` points at, or None (no pointer, or an unreadable one)."""
+    try:
+        return int(json.loads((folder / LATEST).read_text())["round_idx"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load(folder: Path) -> dict[str, Any] | None:
     """The newest readable checkpoint in ``folder``, or None when there is none at all.
 

@@ -318,13 +318,16 @@ def _mean(values: list[float], weights: list[float]) -> float:
 
 def _save_checkpoint(cfg: DictConfig, out_dir: Path, round_idx: int, progress: Progress, *, strategy: Strategy,
                      schedule: Schedule, store: ClientStore, channel: Channel, wall_s: float) -> None:
-    checkpoint.save(out_dir / "checkpoint", round_idx, {
-        "strategy": strategy.state_dict(), "schedule": schedule.state_dict(), "rng": checkpoint.rng_state(),
-        "channel": channel.state_dict(),
-        "total_bytes": progress.total_bytes, "rejected_total": progress.rejected_total, "last": progress.last,
-        "wandb_id": progress.wandb_id, "choices": progress.choices, "group": progress.group, "wall_s": wall_s,
-    }, keep_last=cfg.checkpoint.keep_last, store=store)
-    progress.saved_round = round_idx
+    try:
+        checkpoint.save(out_dir / "checkpoint", round_idx, {
+            "strategy": strategy.state_dict(), "schedule": schedule.state_dict(), "rng": checkpoint.rng_state(),
+            "channel": channel.state_dict(),
+            "total_bytes": progress.total_bytes, "rejected_total": progress.rejected_total, "last": progress.last,
+            "wandb_id": progress.wandb_id, "choices": progress.choices, "group": progress.group, "wall_s": wall_s,
+        }, keep_last=cfg.checkpoint.keep_last, store=store)
+    finally:  # Ctrl-C while old checkpoints are pruned: this one is written, and resume can use it
+        if checkpoint.latest_round(out_dir / "checkpoint") == round_idx:
+            progress.saved_round = round_idx
 
 
 def arm(cfg: DictConfig, strategy: Strategy, choices: dict[str, str]) -> dict[str, Any]:

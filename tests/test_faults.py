@@ -106,6 +106,33 @@ def test_ctrl_c_is_one_line_exit_130_and_resumable(tmp_path, reference):
     assert len(read_metrics(out)) == 4
 
 
+def test_ctrl_c_while_old_checkpoints_are_pruned_still_offers_resume(tmp_path, monkeypatch):
+    """Ctrl-C after ``latest`` points at the new checkpoint but before ``save`` returns (pruning): the
+    checkpoint is complete, so the message offers resume from it, and resume works."""
+    from fedtune import checkpoint
+    from fedtune.errors import Interrupted
+
+    real_save, calls = checkpoint.save, []
+
+    def save_then_ctrl_c(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_ctrl_c)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as exc:
+        run(compose_config([*FAST, "num_rounds=4"]), out_dir=out)
+    msg = str(exc.value)
+    assert msg.startswith("interrupted during round 2/4; the last complete round is 2 (checkpointed)"), msg
+    assert f"resume={out}" in msg
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    run(compose_config([*FAST, "num_rounds=4"]), out_dir=out, resume=True)
+    assert [r["round_idx"] for r in read_metrics(out)] == [0, 1, 2, 3]
+
+
 def test_full_parameter_strategy_with_a_quantized_base_is_one_line():
     from hydra.utils import get_class
     from omegaconf import OmegaConf

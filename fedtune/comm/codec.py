@@ -158,7 +158,11 @@ class ByName:
             assert not out.keys() & encoded.keys(), f"encoded names clash: {out.keys() & encoded.keys()}"
             out.update(encoded)
             meta.update({f"{k}/{i}" if k.startswith("@") and i else k: v for k, v in part_meta.items()})
-        return out, meta
+        by_tensor: dict[str, list[str]] = {}
+        for key in out:
+            by_tensor.setdefault(key.split("::", 1)[0], []).append(key)
+        order = [key for name in tensors for key in by_tensor.pop(name, [])]  # the sender's order, not the rules'
+        return {key: out[key] for key in [*order, *(k for keys in by_tensor.values() for k in keys)]}, meta
 
     def decode(self, tensors: Tensors, meta: dict[str, str]) -> Tensors:
         parts: list[Tensors] = [{} for _ in self.codecs]
