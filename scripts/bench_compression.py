@@ -199,6 +199,13 @@ SETTINGS = {
     "alt+tern-noef": [*[o for o in COMPACT if not o.startswith("comm.error_feedback")], "comm.error_feedback=false",
                       "comm.up=tern", "lora.mode=alt"],
     "ffa": ["strategy=fedavg", "lora.mode=ffa"],  # FFA-LoRA uncompressed: what freezing A costs by itself
+    # FFA with a larger scale alpha/r: with A frozen and Adam, doubling alpha doubles every step B makes in
+    # B A (the learning rate of the adapter's weights; the head's is unchanged); fp32-a32 is plain LoRA at the
+    # same alpha, to see what the scale alone does to the baseline
+    **{f"ffa-a{a}": ["strategy=fedavg", "lora.mode=ffa", f"lora.alpha={a}"] for a in (32, 64)},
+    **{f"ffa-a{a}+{c}": [*COMPACT, f"comm.up={c}", "lora.mode=ffa", f"lora.alpha={a}"]
+       for a in (32, 64) for c in ("tern", "sign", "randk0.75+sign")},
+    "fp32-a32": ["strategy=fedavg", "lora.alpha=32"],
     "sb+int8": [*COMPACT, "comm.up=int8", "lora.mode=sb"],  # lora.sb_init=svd (the default)
     "sb+sign": [*COMPACT, "comm.up=sign", "lora.mode=sb"],
     "sb32+sign": [*COMPACT, "comm.up=sign", "lora.mode=sb", "lora.r=32", "lora.alpha=64"],  # R: 32 x 32 a layer
