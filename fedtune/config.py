@@ -48,7 +48,8 @@ def validate(cfg: DictConfig) -> None:
     sb_init = cfg.lora.get("sb_init", "svd")
     _require(sb_init in ("svd", "identity"), f"lora.sb_init={sb_init}: choose svd (re-factor B A, R = its singular "
              "values) or identity (freeze A and B as they are, R = I)")
-    _require(mode == "lora" or cfg.lora.enabled, f"lora.mode={mode} needs LoRA (set lora.enabled=true)")
+    _require(mode == "lora" or cfg.lora.enabled, f"lora.mode={mode} needs LoRA (set lora.enabled=true, "
+             "or lora.mode=lora: comm=extreme sets ffa)")
     _require(isinstance(cfg.comm.get("down_delta", False), bool),
              f"comm.down_delta={cfg.comm.get('down_delta')}: must be true or false")
     _positive(cfg, "local.lr")
